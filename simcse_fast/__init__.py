@@ -1,0 +1,23 @@
+"""simcse_fast: fused GPU kernels for contrastive sentence-embedding training.
+
+Public API::
+
+    sf.masked_mean_pool(token_embeddings, attention_mask, *, backend=None)  # (B,L,H),(B,L) -> (B,H)
+    sf.masked_max_pool(token_embeddings, attention_mask, *, backend=None)   # (B,L,H),(B,L) -> (B,H)
+    sf.reference             # pure-PyTorch versions of every op: the specification
+    sf.available_backends()  # e.g. ["torch", "triton"]
+"""
+
+from . import reference
+from ._backends import BACKENDS, available_backends
+from .functional import masked_max_pool, masked_mean_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "masked_max_pool",
+    "masked_mean_pool",
+    "reference",
+]

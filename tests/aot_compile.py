@@ -1,0 +1,119 @@
+"""Ahead-of-time compile of kernels for the H100 (sm_90) without a GPU.
+
+Run as a script in a process where TRITON_INTERPRET is unset (the interpreter replaces the
+kernels). ``python aot_compile.py pooling`` prints one JSON line per compiled case with the
+cubin's resource usage (registers, stack, local memory: local > 0 means register spills) and
+facts read off the PTX.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+H100 = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+# Sizes and strides that are multiples of 16 for the usual shapes (H = 384, 768, 1024, ...);
+# Triton specializes such arguments at run time, so the aligned cases are the ones that run.
+ALIGNED_SIZES = {"hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch"}
+TRITON_DTYPES = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
+        file.write(cubin)
+        file.flush()
+        report = subprocess.run(
+            [CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
+        ).stdout
+    return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", report)}
+
+
+def make_case(
+    module: str, name: str, pointers: dict, constexprs: dict, num_warps: int, *, aligned, int64_strides
+):
+    """One compile job. Arguments named ``*_ptr`` take the pointer type ``pointers`` gives them
+    (16-byte aligned, as PyTorch allocates); ``stride_*`` arguments are int64 when
+    ``int64_strides`` (Triton's choice for values past 2**31), other integers int32; with
+    ``aligned`` the arguments in ``ALIGNED_SIZES`` are known multiples of 16."""
+    kernel = getattr(importlib.import_module(module), name)
+    signature, attrs = {}, {}
+    for index, arg in enumerate(kernel.arg_names):
+        if arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*" + pointers[arg]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[arg] = "i64" if int64_strides and arg.startswith("stride") else "i32"
+            if aligned and arg in ALIGNED_SIZES:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    pointer_text = " ".join(f"{arg}={dtype}" for arg, dtype in pointers.items())
+    layout = f"{'aligned' if aligned else 'unaligned'}{' int64-strides' if int64_strides else ''}"
+    label = f"{name} {pointer_text} {layout} {constexprs} num_warps={num_warps}"
+    return label, (module, name), signature, constexprs, attrs, num_warps
+
+
+def pooling_cases():
+    """Every launch configuration x every input dtype, with the argument types and alignment
+    the launcher produces for the usual shapes (H and strides multiples of 16), plus unaligned
+    and int64-stride variants with other mask dtypes for the half types."""
+    from simcse_fast import pooling
+
+    variants = [(dtype, "u8", True, False) for dtype in TRITON_DTYPES]
+    variants += [("bf16", "i64", False, False), ("bf16", "fp32", True, True), ("fp16", "i32", False, True)]
+    for config in pooling.POOLING_CONFIGS:
+        blocks = {"BLOCK_L": config.block_l, "BLOCK_H": config.block_h}
+        for dtype, mask_dtype, aligned, int64_strides in variants:
+            accumulate = {"ACC_DTYPE": tl.float64 if dtype == "fp64" else tl.float32}
+            data = {"x_ptr": dtype, "grad_x_ptr": dtype, "out_ptr": dtype, "grad_out_ptr": dtype}
+            mask = {"mask_ptr": mask_dtype}
+            argmax = {"argmax_ptr": "i32"}
+            kernels = [
+                ("_masked_mean_pool_forward_kernel", {**data, **mask}, accumulate),
+                ("_masked_mean_pool_backward_kernel", {**data, **mask}, accumulate),
+                ("_masked_max_pool_forward_kernel", {**data, **mask, **argmax}, accumulate),
+                ("_masked_max_pool_backward_kernel", {**data, **argmax}, {}),
+            ]
+            for name, pointers, extra in kernels:
+                kernel = getattr(pooling, name)
+                used = {arg: pointers[arg] for arg in kernel.arg_names if arg in pointers}
+                yield make_case(
+                    "simcse_fast.pooling", name, used, {**blocks, **extra}, config.num_warps,
+                    aligned=aligned, int64_strides=int64_strides,
+                )  # fmt: skip
+
+
+def compile_case(case) -> dict:
+    label, (module, name), signature, constexprs, attrs, num_warps = case
+    kernel = getattr(importlib.import_module(module), name)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=H100, options={"num_warps": num_warps})
+    ptx = compiled.asm["ptx"]
+    return {
+        "case": label,
+        **resource_usage(compiled.asm["cubin"]),
+        "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4", ptx)),
+        "vector_stores": bool(re.search(r"st\.global(\.\w+)*\.v4", ptx)),
+        "wgmma": "wgmma" in ptx,
+    }
+
+
+CASES = {"pooling": pooling_cases}
+
+if __name__ == "__main__":
+    cases = [case for name in sys.argv[1:] for case in CASES[name]()]
+    with ProcessPoolExecutor(max_workers=os.cpu_count()) as pool:
+        for result in pool.map(compile_case, cases):
+            print(json.dumps(result), flush=True)
