@@ -4,20 +4,25 @@ Public API::
 
     sf.masked_mean_pool(token_embeddings, attention_mask, *, backend=None)  # (B,L,H),(B,L) -> (B,H)
     sf.masked_max_pool(token_embeddings, attention_mask, *, backend=None)   # (B,L,H),(B,L) -> (B,H)
+    sf.similarity_logsumexp(queries, keys, *, scale=20.0, exclude_diagonal=False, backend=None)  # -> (N,)
+    sf.info_nce(anchors, candidates, *, labels=None, scale=20.0, symmetric=False,
+                reduction="mean", backend=None)                              # -> loss
     sf.reference             # pure-PyTorch versions of every op: the specification
     sf.available_backends()  # e.g. ["torch", "triton"]
 """
 
 from . import reference
 from ._backends import BACKENDS, available_backends
-from .functional import masked_max_pool, masked_mean_pool
+from .functional import info_nce, masked_max_pool, masked_mean_pool, similarity_logsumexp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "info_nce",
     "masked_max_pool",
     "masked_mean_pool",
     "reference",
+    "similarity_logsumexp",
 ]

@@ -44,3 +44,66 @@ def check_pooling_inputs(token_embeddings, attention_mask) -> None:
             f"token_embeddings {tuple(token_embeddings.shape)}; got {tuple(attention_mask.shape)}"
         )
     check_same_device("attention_mask", attention_mask, "token_embeddings", token_embeddings)
+
+
+LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_embedding_pair(name: str, value, other_name: str, other) -> None:
+    """Two ``(rows, D)`` embedding matrices with the same D, dtype (fp16, bf16 or fp32) and device."""
+    check_tensor(name, value, 2)
+    check_tensor(other_name, other, 2)
+    check_float_dtype(name, value, LOSS_DTYPES)
+    if other.dtype != value.dtype:
+        raise TypeError(f"{other_name} must have the dtype of {name} ({value.dtype}); got {other.dtype}")
+    if other.shape[1] != value.shape[1]:
+        raise ValueError(
+            f"{other_name} must have the embedding size D = {value.shape[1]} of {name}; "
+            f"got shape {tuple(other.shape)}"
+        )
+    check_same_device(other_name, other, name, value)
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+
+
+def scale_tensor(scale, device: torch.device) -> Tensor:
+    """``scale`` as a 0-dim floating tensor on ``device``; a tensor keeps its autograd graph."""
+    if isinstance(scale, Tensor):
+        if scale.dim() != 0:
+            raise ValueError(
+                f"scale must be a float or a 0-dim tensor; got a tensor of shape {tuple(scale.shape)}"
+            )
+        if not scale.is_floating_point():
+            raise TypeError(f"scale must be a floating tensor; got {scale.dtype}")
+        return scale.to(device)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
+    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+
+
+def check_labels(labels, n_anchors: int, n_candidates: int, device: torch.device) -> None:
+    """``labels``: integer ``(N,)`` on the anchors' device with values in ``[0, M)``. The range
+    check reads the values (a device sync), so it is skipped inside ``torch.compile``."""
+    check_tensor("labels", labels, 1)
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
+    if labels.shape[0] != n_anchors:
+        raise ValueError(
+            f"labels must have shape (N,) = ({n_anchors},), one per anchor; got {tuple(labels.shape)}"
+        )
+    check_same_device("labels", labels, "anchors", torch.empty(0, device=device))
+    if labels.numel() and not torch.compiler.is_compiling():
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= n_candidates:
+            raise ValueError(
+                f"labels must index candidates, in [0, {n_candidates}); got values from {low} to {high}"
+            )
+
+
+def check_reduction(reduction) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
