@@ -1,7 +1,8 @@
 """The ``simcse-fast`` command.
 
-``simcse-fast demo``: pools a random batch with every backend that runs here, checks each
-against the float64 reference and prints the error and the time of forward + backward.
+``simcse-fast demo``: pools a random batch and scores it with InfoNCE, with every backend
+that runs here, checks each against the float64 reference and prints the error and the time
+of forward + backward.
 ``simcse-fast info``: versions and available backends.
 """
 
@@ -26,49 +27,73 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_forward_backward(fn, x, mask, grad_out, repeats: int) -> float:
+def _time_forward_backward(fn, leaves: list[torch.Tensor], grad_out: torch.Tensor, repeats: int) -> float:
     """Median wall-clock milliseconds of one forward + backward after one warm-up call."""
     times = []
     for attempt in range(repeats + 1):
-        x.grad = None
-        _synchronize(x.device)
+        _synchronize(grad_out.device)
         start = time.perf_counter()
-        fn(x, mask).backward(grad_out)
-        _synchronize(x.device)
+        fn(*leaves).backward(grad_out)
+        _synchronize(grad_out.device)
         if attempt:
             times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def _demo_op(
+    name: str, ours, ref, inputs: list[torch.Tensor], grad_out: torch.Tensor, backends, repeats: int
+):
+    """Print, per backend, the largest error of the output and input gradients against the
+    float64 reference, and the time of forward + backward."""
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    ref(*inputs64).backward(grad_out.double())
+    expected = ref(*inputs64).detach()
+    for backend in backends:
+        op = functools.partial(ours, backend=backend)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out = op(*leaves)
+        out.backward(grad_out)
+        errors = [(out.double() - expected).abs().max().item()]
+        errors += [
+            (leaf.grad.double() - leaf64.grad).abs().max().item()
+            for leaf, leaf64 in zip(leaves, inputs64, strict=True)
+        ]
+        ms = _time_forward_backward(op, leaves, grad_out, repeats)
+        print(f"{name:<16} {backend:<8} {max(errors):>24.3e} {ms:>11.3f}")
 
 
 def run_demo(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = DTYPES[args.dtype]
     generator = torch.Generator().manual_seed(args.seed)
-    x = torch.randn(args.batch, args.seq_len, args.hidden, generator=generator).to(device, dtype)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator).to(device, dtype)
+
+    x = randn(args.batch, args.seq_len, args.hidden)
     lengths = torch.randint(1, args.seq_len + 1, (args.batch,), generator=generator)
     mask = (torch.arange(args.seq_len)[None, :] < lengths[:, None]).to(device)
-    grad_out = torch.randn(args.batch, args.hidden, generator=generator).to(device, dtype)
     backends = [name for name in available_backends() if name != "triton" or device.type == "cuda"]
 
     print(f"simcse_fast {__version__} demo on {device} ({dtype}): token embeddings "
-          f"{tuple(x.shape)}, {int(mask.sum())} of {mask.numel()} tokens present")  # fmt: skip
+          f"{tuple(x.shape)}, {int(mask.sum())} of {mask.numel()} tokens present; InfoNCE over "
+          f"{args.batch} anchors, {2 * args.batch} candidates (half of them hard negatives)")  # fmt: skip
     print(f"{'op':<16} {'backend':<8} {'max |error| vs float64':>24} {'fwd+bwd ms':>11}")
     for name in ("masked_mean_pool", "masked_max_pool"):
-        x64 = x.detach().double().requires_grad_()
-        expected = getattr(reference, name)(x64, mask)
-        expected.backward(grad_out.double())
-        for backend in backends:
-            op = getattr(functional, name)
-            x_ours = x.detach().requires_grad_()
-            out = op(x_ours, mask, backend=backend)
-            out.backward(grad_out)
-            error = max(
-                (out.double() - expected).abs().max().item(),
-                (x_ours.grad.double() - x64.grad).abs().max().item(),
-            )
-            timed = functools.partial(op, backend=backend)
-            ms = _time_forward_backward(timed, x_ours, mask, grad_out, args.repeats)
-            print(f"{name:<16} {backend:<8} {error:>24.3e} {ms:>11.3f}")
+        ours = functools.partial(getattr(functional, name), attention_mask=mask)
+        ref = functools.partial(getattr(reference, name), attention_mask=mask)
+        _demo_op(name, ours, ref, [x], randn(args.batch, args.hidden), backends, args.repeats)
+    anchors, candidates = randn(args.batch, args.hidden), randn(2 * args.batch, args.hidden)
+    loss_grad = torch.ones((), device=device)
+    _demo_op(
+        "info_nce",
+        functional.info_nce,
+        reference.info_nce,
+        [anchors, candidates],
+        loss_grad,
+        backends,
+        args.repeats,
+    )
     return 0
 
 
@@ -92,7 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"simcse_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    demo = commands.add_parser("demo", help="pool a random batch with every backend and check it")
+    demo = commands.add_parser(
+        "demo", help="pool and score a random batch with every backend, check and time it"
+    )
     demo.add_argument("--batch", type=int, default=64, help="sequences (B), default 64")
     demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (L), default 128")
     demo.add_argument("--hidden", type=int, default=384, help="hidden size (H), default 384")

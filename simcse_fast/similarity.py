@@ -38,6 +38,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._triton import tl, triton
@@ -200,10 +201,20 @@ class SimilarityConfig:
     num_stages: int
 
 
-FORWARD_CONFIG = SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3)
-BACKWARD_CONFIG = SimilarityConfig(block_rows=64, block_cols=64, block_d=64, num_warps=4, num_stages=2)
-SIMILARITY_CONFIGS = {"forward": FORWARD_CONFIG, "backward": BACKWARD_CONFIG}
+SIMILARITY_CONFIGS = {
+    # (kernel, bytes per input element) -> configuration. fp32 tiles hold twice the bytes per
+    # element, so they take half the D chunk to stay clear of register spills on sm_90.
+    ("forward", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
+    ("backward", 2): SimilarityConfig(block_rows=64, block_cols=64, block_d=64, num_warps=4, num_stages=2),
+    ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
+    ("backward", 4): SimilarityConfig(block_rows=64, block_cols=32, block_d=32, num_warps=4, num_stages=2),
+}
 """Every configuration the launchers use; the ahead-of-time compile test builds them all."""
+
+ALIGNMENT = 16
+"""D and the row stride are made multiples of 16 elements (zero padding, see ``_Side``): Triton
+then knows every row starts 16-byte aligned and vectorizes the loads feeding the tensor cores;
+with a ragged D the kernels need more registers than sm_90 has and spill."""
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -218,10 +229,6 @@ def inverse_norms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
-def _row_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
-
-
 # Each implementation provides two functions over row-contiguous inputs, their fp32 inverse
 # norms and a 1-element fp32 scale:
 #   forward(q, k, inv_q, inv_k, scale, exclude_diagonal) -> lse (N,)
@@ -233,7 +240,7 @@ def _triton_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
     lse = torch.empty(n_queries, dtype=torch.float32, device=q.device)
     if n_queries == 0:
         return lse
-    config = FORWARD_CONFIG
+    config = SIMILARITY_CONFIGS["forward", q.element_size()]
     _similarity_lse_forward_kernel[(triton.cdiv(n_queries, config.block_rows),)](
         q, k, inv_q, inv_k, scale, lse, n_queries, k.shape[0], dim, q.stride(0), k.stride(0),
         EXCLUDE_DIAGONAL=exclude_diagonal, BLOCK_N=config.block_rows, BLOCK_M=config.block_cols,
@@ -251,7 +258,7 @@ def _triton_backward_pass(
     cos_weight = torch.zeros(n_rows, dtype=torch.float32, device=rows.device)
     if n_rows == 0:
         return grad_acc, cos_weight
-    config = BACKWARD_CONFIG
+    config = SIMILARITY_CONFIGS["backward", rows.element_size()]
     _similarity_lse_backward_kernel[(triton.cdiv(n_rows, config.block_rows),)](
         rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, grad_acc, cos_weight,
         n_rows, cols.shape[0], dim, rows.stride(0), cols.stride(0),
@@ -335,7 +342,12 @@ class _Side:
     contributions of every pass it takes part in, summed in fp32 before one final cast."""
 
     def __init__(self, x: Tensor):
-        self.x = _row_contiguous(x)
+        self.dim = x.shape[1]
+        padding = -self.dim % ALIGNMENT
+        if padding or x.stride(1) != 1 or x.stride(0) % ALIGNMENT:
+            # One O(rows x D) copy; zero columns change neither dot products nor norms.
+            x = F.pad(x, (0, padding))
+        self.x = x
         self.inv_norm = inverse_norms(self.x)
 
     @functools.cached_property
@@ -356,7 +368,8 @@ class _Side:
         return self.x.index_select(0, index).float() * self.inv_norm.index_select(0, index)[:, None]
 
     def gradient(self, scale: Tensor) -> Tensor:
-        return _normalization_backward(self.x, self.inv_norm, self.weighted_sum, self.cos_weight, scale)
+        grad = _normalization_backward(self.x, self.inv_norm, self.weighted_sum, self.cos_weight, scale)
+        return grad[:, : self.dim]
 
 
 def _lse_forward(queries: _Side, keys: _Side, n_queries: int, scale, exclude_diagonal, implementation):

@@ -26,7 +26,10 @@ H100 = GPUTarget("cuda", 90, 32)
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 # Sizes and strides that are multiples of 16 for the usual shapes (H = 384, 768, 1024, ...);
 # Triton specializes such arguments at run time, so the aligned cases are the ones that run.
-ALIGNED_SIZES = {"hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch"}
+ALIGNED_SIZES = {
+    "hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch",
+    "dim", "stride_q", "stride_k", "stride_rows", "stride_cols",
+}  # fmt: skip
 TRITON_DTYPES = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 
 
@@ -41,10 +44,11 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
 
 
 def make_case(
-    module: str, name: str, pointers: dict, constexprs: dict, num_warps: int, *, aligned, int64_strides
-):
-    """One compile job. Arguments named ``*_ptr`` take the pointer type ``pointers`` gives them
-    (16-byte aligned, as PyTorch allocates); ``stride_*`` arguments are int64 when
+    module: str, name: str, pointers: dict, constexprs: dict, num_warps: int, *, aligned, int64_strides,
+    num_stages: int = 3,
+):  # fmt: skip
+    """One compile job. Arguments named ``*_ptr`` take the pointer type ``pointers`` gives them,
+    fp32 by default (16-byte aligned, as PyTorch allocates); ``stride_*`` arguments are int64 when
     ``int64_strides`` (Triton's choice for values past 2**31), other integers int32; with
     ``aligned`` the arguments in ``ALIGNED_SIZES`` are known multiples of 16."""
     kernel = getattr(importlib.import_module(module), name)
@@ -53,7 +57,7 @@ def make_case(
         if arg in constexprs:
             signature[arg] = "constexpr"
         elif arg.endswith("_ptr"):
-            signature[arg] = "*" + pointers[arg]
+            signature[arg] = "*" + pointers.get(arg, "fp32")
             attrs[(index,)] = [["tt.divisibility", 16]]
         else:
             signature[arg] = "i64" if int64_strides and arg.startswith("stride") else "i32"
@@ -62,7 +66,14 @@ def make_case(
     pointer_text = " ".join(f"{arg}={dtype}" for arg, dtype in pointers.items())
     layout = f"{'aligned' if aligned else 'unaligned'}{' int64-strides' if int64_strides else ''}"
     label = f"{name} {pointer_text} {layout} {constexprs} num_warps={num_warps}"
-    return label, (module, name), signature, constexprs, attrs, num_warps
+    return (
+        label,
+        (module, name),
+        signature,
+        constexprs,
+        attrs,
+        {"num_warps": num_warps, "num_stages": num_stages},
+    )
 
 
 def pooling_cases():
@@ -96,10 +107,10 @@ def pooling_cases():
 
 
 def compile_case(case) -> dict:
-    label, (module, name), signature, constexprs, attrs, num_warps = case
+    label, (module, name), signature, constexprs, attrs, options = case
     kernel = getattr(importlib.import_module(module), name)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=H100, options={"num_warps": num_warps})
+    compiled = triton.compile(source, target=H100, options=options)
     ptx = compiled.asm["ptx"]
     return {
         "case": label,
@@ -110,7 +121,43 @@ def compile_case(case) -> dict:
     }
 
 
-CASES = {"pooling": pooling_cases}
+def similarity_cases():
+    """The forward kernel and both backward passes, for each input dtype (fp32 with and without
+    TF32) and the diagonal excluded or not, at the configurations the launchers use: D and row
+    strides are multiples of 16, which the launchers guarantee by padding."""
+    from simcse_fast import similarity
+
+    for dtype, precision in [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")]:
+        element_size = 4 if dtype == "fp32" else 2
+        forward = similarity.SIMILARITY_CONFIGS["forward", element_size]
+        backward = similarity.SIMILARITY_CONFIGS["backward", element_size]
+        precision = {"DOT_PRECISION": precision}
+        for exclude in (False, True):
+            blocks = {
+                "BLOCK_N": forward.block_rows,
+                "BLOCK_M": forward.block_cols,
+                "BLOCK_D": forward.block_d,
+            }
+            yield make_case(
+                "simcse_fast.similarity", "_similarity_lse_forward_kernel", {"q_ptr": dtype, "k_ptr": dtype},
+                {"EXCLUDE_DIAGONAL": exclude, **blocks, **precision}, forward.num_warps,
+                aligned=True, int64_strides=False, num_stages=forward.num_stages,
+            )  # fmt: skip
+            blocks = {
+                "BLOCK_R": backward.block_rows,
+                "BLOCK_C": backward.block_cols,
+                "BLOCK_D": backward.block_d,
+            }
+            for rows_are_queries in (True, False):
+                flags = {"ROWS_ARE_QUERIES": rows_are_queries, "EXCLUDE_DIAGONAL": exclude}
+                yield make_case(
+                    "simcse_fast.similarity", "_similarity_lse_backward_kernel",
+                    {"rows_ptr": dtype, "cols_ptr": dtype}, {**flags, **blocks, **precision},
+                    backward.num_warps, aligned=True, int64_strides=False, num_stages=backward.num_stages,
+                )  # fmt: skip
+
+
+CASES = {"pooling": pooling_cases, "similarity": similarity_cases}
 
 if __name__ == "__main__":
     cases = [case for name in sys.argv[1:] for case in CASES[name]()]

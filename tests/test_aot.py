@@ -52,3 +52,22 @@ def test_pooling_kernels_use_16_byte_accesses_on_aligned_inputs(pooling_results)
             assert result["vector_loads"], result["case"]
         else:
             assert result["vector_stores"], result["case"]
+
+
+@pytest.fixture(scope="module")
+def similarity_results() -> list[dict]:
+    return compile_family("similarity")
+
+
+def test_similarity_kernels_compile_for_sm90_without_spills(similarity_results):
+    assert len(similarity_results) == 4 * 2 * 3
+    spilled = [r["case"] for r in similarity_results if r["local"] > 0 or r["stack"] > 0]
+    assert not spilled, f"register spills (stack or local memory) in: {spilled}"
+
+
+def test_similarity_kernels_use_hopper_tensor_cores(similarity_results):
+    """bf16, fp16 and TF32 dots must lower to wgmma; exact fp32 ("ieee") runs on FMA units."""
+    for result in similarity_results:
+        case = result["case"]
+        exact_fp32 = "'ieee'" in case and (" q_ptr=fp32" in case or " rows_ptr=fp32" in case)
+        assert result["wgmma"] != exact_fp32, case
