@@ -350,10 +350,14 @@ def masked_mean_pool_backward_op(grad_out: Tensor, attention_mask: Tensor, seq_l
     return masked_mean_pool_backward(grad_out, attention_mask, seq_len)
 
 
-@masked_mean_pool_backward_op.register_fake
-def _masked_mean_pool_backward_fake(grad_out: Tensor, attention_mask: Tensor, seq_len: int) -> Tensor:
+def _token_gradient_fake(grad_out: Tensor, seq_len: int) -> Tensor:
     batch, hidden = grad_out.shape
     return grad_out.new_empty((batch, seq_len, hidden))
+
+
+@masked_mean_pool_backward_op.register_fake
+def _masked_mean_pool_backward_fake(grad_out: Tensor, attention_mask: Tensor, seq_len: int) -> Tensor:
+    return _token_gradient_fake(grad_out, seq_len)
 
 
 def _mean_setup_context(ctx, inputs, output) -> None:
@@ -393,8 +397,7 @@ def masked_max_pool_backward_op(grad_out: Tensor, argmax: Tensor, seq_len: int) 
 
 @masked_max_pool_backward_op.register_fake
 def _masked_max_pool_backward_fake(grad_out: Tensor, argmax: Tensor, seq_len: int) -> Tensor:
-    batch, hidden = grad_out.shape
-    return grad_out.new_empty((batch, seq_len, hidden))
+    return _token_gradient_fake(grad_out, seq_len)
 
 
 def _max_setup_context(ctx, inputs, output) -> None:
