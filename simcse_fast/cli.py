@@ -14,6 +14,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -97,6 +98,46 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sizes(text: str) -> dict:
+    """``"32x128x384,512x768"`` -> pooling shapes (three numbers: B x L x H) and loss shapes
+    (two numbers: N x D)."""
+    sizes: dict[str, list[tuple[int, ...]]] = {"pooling": [], "loss": []}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        try:
+            numbers = tuple(int(value) for value in item.lower().split("x"))
+        except ValueError:
+            numbers = ()
+        if len(numbers) not in (2, 3) or min(numbers) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--sizes: {item!r} is neither BxLxH (pooling) nor NxD (loss) with positive integers"
+            )
+        sizes["pooling" if len(numbers) == 3 else "loss"].append(numbers)
+    return sizes
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    ops = tuple(dict.fromkeys(part.strip() for part in args.ops.split(",") if part.strip()))
+    unknown = [op for op in ops if op not in bench.OPS]
+    if unknown or not ops:
+        print(f"simcse-fast: error: --ops takes pooling and/or loss, got {args.ops!r}", file=sys.stderr)
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("simcse-fast: error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    document = bench.run_benchmark(
+        ops=ops, preset=args.preset, sizes=args.sizes, device=args.device,
+        dtype=bench.DTYPES[args.dtype] if args.dtype else None, min_repeats=args.repeats,
+    )  # fmt: skip
+    print()
+    print(bench.markdown_table(document), end="")
+    if args.out:
+        for path in bench.write_results(document, Path(args.out)):
+            print(f"wrote {path}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     print(f"simcse_fast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
@@ -128,6 +169,34 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--repeats", type=int, default=10, help="timed repetitions, default 10")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=run_demo)
+
+    bench_parser = commands.add_parser(
+        "bench", help="time our ops and their peers, with the device's ceilings measured in the same run"
+    )
+    bench_parser.add_argument("--ops", default="pooling,loss", help="pooling, loss or both (default)")
+    presets = bench_parser.add_mutually_exclusive_group()
+    presets.add_argument(
+        "--quick", dest="preset", action="store_const", const="quick",
+        help="a few small shapes, no torch.compile peer (under a minute on 2 CPU cores)",
+    )  # fmt: skip
+    presets.add_argument(
+        "--full", dest="preset", action="store_const", const="full",
+        help="the full sweep (on a GPU: loss N up to 2**20, pooling inputs up to 1 GiB)",
+    )  # fmt: skip
+    bench_parser.add_argument(
+        "--sizes",
+        type=_parse_sizes,
+        help="shapes instead of the preset's: BxLxH (pooling), NxD (loss), comma-separated",
+    )
+    bench_parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU"
+    )
+    bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    bench_parser.add_argument(
+        "--repeats", type=int, default=10, help="at least this many timed runs per pass"
+    )
+    bench_parser.add_argument("--out", help="directory for results.json, results.md and PNG plots")
+    bench_parser.set_defaults(run=run_bench, preset="default")
 
     info = commands.add_parser("info", help="versions and available backends")
     info.set_defaults(run=run_info)
