@@ -533,9 +533,9 @@ def markdown_table(document: dict) -> str:
         f"simcse_fast benchmark — {document['device']} — {document['dtype']} — torch {document['torch']}, "
         f"triton {document['triton']}, commit {document['commit']}, {document['date']}",
         "",
-        f"Ceilings measured in this run: copy {ceilings['copy_gbps']:.1f} GB/s, "
-        f"bf16 matmul {ceilings['bf16_tflops']:.2f} TFLOP/s, "
-        f"{document['dtype']} matmul {ceilings['matmul_' + document['dtype'] + '_tflops']:.2f} TFLOP/s.",
+        f"Ceilings measured in this run: copy {ceilings['copy_gbps']:.3g} GB/s, "
+        f"bf16 matmul {ceilings['bf16_tflops']:.3g} TFLOP/s, "
+        f"{document['dtype']} matmul {ceilings['matmul_' + document['dtype'] + '_tflops']:.3g} TFLOP/s.",
         "",
         "| op | shape | impl | pass | median ms | GB/s or TFLOP/s | % of ceiling | peak extra MB |",
         "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",

@@ -1,0 +1,35 @@
+"""The parts of sentence-transformers the drop-ins build on, across its module layouts: 6.x
+keeps them in ``sentence_transformers.sentence_transformer.{losses,modules}``, older releases
+in ``sentence_transformers.{losses,models}``."""
+
+from __future__ import annotations
+
+import importlib
+
+try:
+    import sentence_transformers  # noqa: F401
+except ImportError as error:
+    raise ImportError(
+        "simcse_fast.sentence_transformers needs sentence-transformers >= 3.0: "
+        "pip install sentence-transformers"
+    ) from error
+
+
+def _first_module(*names: str):
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(f"none of {', '.join(names)} could be imported")
+
+
+st_losses = _first_module("sentence_transformers.sentence_transformer.losses", "sentence_transformers.losses")
+st_modules = _first_module(
+    "sentence_transformers.sentence_transformer.modules", "sentence_transformers.models"
+)
+st_util = importlib.import_module("sentence_transformers.util")
+
+cos_sim = st_util.cos_sim
+all_gather_with_grad = getattr(st_util, "all_gather_with_grad", None)
+get_rank = getattr(st_util, "get_rank", None)

@@ -1,0 +1,207 @@
+"""Drop-in replacements for sentence-transformers' in-batch-negatives losses.
+
+Each class subclasses its sentence-transformers namesake, takes exactly its constructor
+arguments and returns the same loss with the same gradients, computed from the row-wise
+log-sum-exp primitive ``simcse_fast.similarity_logsumexp``: no ``N x M`` similarity matrix is
+built. For queries ``q`` (the first column), documents ``d`` (positives, then any hard
+negatives) and ``s = scale``, the directions compose as
+
+* ``query_to_doc``: ``lse_j s cos(q_i, d_j)`` over all documents;
+* ``query_to_query``: ``lse_{k != i} s cos(q_i, q_k)`` (``exclude_diagonal``);
+* ``doc_to_query``: ``lse_k s cos(d_i, q_k)`` for each positive ``d_i``;
+* ``doc_to_doc``: ``lse`` over every document except query ``i``'s own ones: the log-sum-exp of
+  one ``exclude_diagonal`` term per document column;
+
+``partition_mode="joint"`` takes the log-sum-exp of the per-direction values (one softmax over
+all of them), ``"per_direction"`` their mean, and the loss is
+``mean_i(log_z_i - s cos(q_i, d_i))``. ``gather_across_devices`` gathers with gradients exactly
+as sentence-transformers does.
+
+What the fused path cannot express exactly — a ``similarity_fct`` other than cosine, or a
+``hardness_mode`` with a positive strength — runs sentence-transformers' own computation, after
+one warning per loss object: never a silently different loss.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import functional
+from ._compat import all_gather_with_grad, cos_sim, get_rank, st_losses
+
+__all__ = [
+    "CachedMultipleNegativesRankingLoss",
+    "MultipleNegativesRankingLoss",
+    "MultipleNegativesSymmetricRankingLoss",
+    "fused_in_batch_negatives_loss",
+]
+
+NORM_EPS = 1e-12
+
+
+def _rotate_rows(x: Tensor, offset: int) -> Tensor:
+    """Rows ``offset..`` first: then row ``i`` of this device's block is row ``i`` of the
+    result, which is what ``exclude_diagonal`` excludes."""
+    return x if offset == 0 else torch.cat([x[offset:], x[:offset]])
+
+
+def fused_in_batch_negatives_loss(
+    embeddings: list[Tensor],
+    *,
+    scale: float,
+    directions=("query_to_doc",),
+    partition_mode: str = "joint",
+    gather_across_devices: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """sentence-transformers' MultipleNegativesRankingLoss from embeddings ``[queries (B, D),
+    positives (B, D), negatives_1 (B, D), ...]`` without the similarity matrix (module
+    docstring for the formula)."""
+    if len(embeddings) < 2:
+        raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
+    queries, docs = embeddings[0], list(embeddings[1:])
+    batch_size = queries.shape[0]
+    offset = 0
+    if gather_across_devices and all_gather_with_grad is not None:
+        queries = all_gather_with_grad(queries)
+        docs = [all_gather_with_grad(doc) for doc in docs]
+        offset = get_rank() * batch_size
+    local_queries = queries[offset : offset + batch_size]
+    local_docs = docs[0][offset : offset + batch_size]
+    docs_all = torch.cat(docs)
+
+    def lse(rows, keys, exclude_diagonal=False):
+        return functional.similarity_logsumexp(
+            rows, keys, scale=scale, exclude_diagonal=exclude_diagonal, backend=backend
+        )
+
+    per_direction = [lse(local_queries, docs_all)]
+    if "query_to_query" in directions:
+        per_direction.append(lse(local_queries, _rotate_rows(queries, offset), exclude_diagonal=True))
+    if "doc_to_query" in directions:
+        per_direction.append(lse(local_docs, queries))
+    if "doc_to_doc" in directions:
+        blocks = [lse(local_docs, _rotate_rows(doc, offset), exclude_diagonal=True) for doc in docs]
+        per_direction.append(torch.logsumexp(torch.stack(blocks), dim=0))
+    stacked = torch.stack(per_direction)
+    log_z = torch.logsumexp(stacked, dim=0) if partition_mode == "joint" else stacked.mean(dim=0)
+    unit_queries = F.normalize(local_queries.float(), dim=1, eps=NORM_EPS)
+    unit_docs = F.normalize(local_docs.float(), dim=1, eps=NORM_EPS)
+    positive = scale * (unit_queries * unit_docs).sum(dim=1)
+    return (log_z - positive).mean()
+
+
+def _unfusable_reason(loss) -> str | None:
+    similarity_fct = getattr(loss, "similarity_fct", cos_sim)
+    if similarity_fct is not cos_sim and getattr(similarity_fct, "__name__", "") != "cos_sim":
+        return (
+            f"similarity_fct={getattr(similarity_fct, '__name__', similarity_fct)!r} is not cosine similarity"
+        )
+    if getattr(loss, "hardness_mode", None) is not None and getattr(loss, "hardness_strength", 0.0) > 0.0:
+        return f"hardness_mode={loss.hardness_mode!r} weights the logits by stop-gradient similarities"
+    return None
+
+
+def _warn_fallback(loss, reason: str) -> None:
+    if not getattr(loss, "_simcse_fast_warned", False):
+        warnings.warn(
+            f"{type(loss).__name__}: {reason}, which the fused kernels do not compute; using "
+            "sentence-transformers' own implementation (same loss, N x M memory).",
+            UserWarning,
+            stacklevel=3,
+        )
+        object.__setattr__(loss, "_simcse_fast_warned", True)
+
+
+def _fused_options(loss, default_directions=("query_to_doc",), default_partition_mode="joint") -> dict:
+    """The loss object's options (releases before ``directions`` existed use the defaults)."""
+    return {
+        "scale": float(loss.scale),
+        "directions": tuple(getattr(loss, "directions", default_directions)),
+        "partition_mode": getattr(loss, "partition_mode", default_partition_mode),
+        "gather_across_devices": bool(getattr(loss, "gather_across_devices", False)),
+    }
+
+
+_BASE_COMPUTES_FROM_EMBEDDINGS = hasattr(
+    st_losses.MultipleNegativesRankingLoss, "compute_loss_from_embeddings"
+)
+
+
+class _FusedInBatchNegatives:
+    """Mixin: ``compute_loss_from_embeddings`` through the fused primitive, with the
+    sentence-transformers computation as the fallback."""
+
+    _default_directions = ("query_to_doc",)
+    _default_partition_mode = "joint"
+
+    def fused_options(self) -> dict:
+        return _fused_options(self, self._default_directions, self._default_partition_mode)
+
+    def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
+        reason = _unfusable_reason(self)
+        if reason is None:
+            return fused_in_batch_negatives_loss(list(embeddings), **self.fused_options())
+        _warn_fallback(self, reason)
+        if _BASE_COMPUTES_FROM_EMBEDDINGS:
+            return super().compute_loss_from_embeddings(embeddings, labels)
+        raise NotImplementedError(
+            f"{reason}: this sentence-transformers release computes it only from token features; "
+            f"call the loss on features or upgrade sentence-transformers"
+        )
+
+    def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
+        if _BASE_COMPUTES_FROM_EMBEDDINGS or _unfusable_reason(self) is not None:
+            return super().forward(sentence_features, labels)
+        embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
+        return self.compute_loss_from_embeddings(embeddings, labels)
+
+
+class MultipleNegativesRankingLoss(_FusedInBatchNegatives, st_losses.MultipleNegativesRankingLoss):
+    """sentence-transformers' ``MultipleNegativesRankingLoss`` (same constructor and loss),
+    computed without the similarity matrix."""
+
+
+with warnings.catch_warnings():
+    # sentence-transformers deprecates this class (use MultipleNegativesRankingLoss with
+    # directions=("query_to_doc", "doc_to_query")) and warns when it is subclassed; its users
+    # still get that warning when they instantiate it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    class MultipleNegativesSymmetricRankingLoss(
+        _FusedInBatchNegatives, st_losses.MultipleNegativesSymmetricRankingLoss
+    ):
+        """sentence-transformers' ``MultipleNegativesSymmetricRankingLoss``: ``query_to_doc`` and
+        ``doc_to_query``, averaged per direction; computed without the similarity matrix."""
+
+        _default_directions = ("query_to_doc", "doc_to_query")
+        _default_partition_mode = "per_direction"
+
+
+class CachedMultipleNegativesRankingLoss(st_losses.CachedMultipleNegativesRankingLoss):
+    """sentence-transformers' ``CachedMultipleNegativesRankingLoss`` (GradCache: embeddings
+    first without gradients, the loss and its gradient on the full batch, then mini-batches
+    re-encoded with their saved random states), with the full-batch loss fused: the loss stage
+    needs O(B·D) memory instead of mini-batch x full-batch similarity chunks."""
+
+    def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward=False):
+        reason = _unfusable_reason(self)
+        if reason is not None:
+            _warn_fallback(self, reason)
+            return super().calculate_loss(reps, **_labels_if_accepted(super().calculate_loss, labels),
+                                          with_backward=with_backward)  # fmt: skip
+        embeddings = [torch.cat(column) for column in reps]
+        loss = fused_in_batch_negatives_loss(embeddings, **_fused_options(self))
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss
+
+
+def _labels_if_accepted(method, labels) -> dict:
+    return {"labels": labels} if "labels" in inspect.signature(method).parameters else {}
