@@ -7,18 +7,21 @@ Public API::
     sf.similarity_logsumexp(queries, keys, *, scale=20.0, exclude_diagonal=False, backend=None)  # -> (N,)
     sf.info_nce(anchors, candidates, *, labels=None, scale=20.0, symmetric=False,
                 reduction="mean", backend=None)                              # -> loss
+    sf.SimCSE(model_name_or_path, pooling="mean", max_seq_length=32)      # encoder + fused pooling
     sf.reference             # pure-PyTorch versions of every op: the specification
     sf.available_backends()  # e.g. ["torch", "triton"]
 """
 
 from . import reference
 from ._backends import BACKENDS, available_backends
+from .encoder import SimCSE
 from .functional import info_nce, masked_max_pool, masked_mean_pool, similarity_logsumexp
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "SimCSE",
     "available_backends",
     "info_nce",
     "masked_max_pool",

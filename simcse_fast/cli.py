@@ -138,6 +138,51 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fail(message: str) -> int:
+    print(f"simcse-fast: error: {message}", file=sys.stderr)
+    return 1
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .evaluation import EvaluationDataError
+    from .training import TrainingConfig, TrainingDataError, train
+
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "run")}
+    options["show_progress_bar"] = not options.pop("no_progress")
+    try:
+        config = TrainingConfig(**options)
+        config.validate()
+        summary = train(config)
+    except (TrainingDataError, EvaluationDataError, ValueError) as error:
+        return _fail(str(error))
+    except OSError as error:
+        return _fail(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; continue with the same command and --resume (checkpoints in {args.output})")
+        return 130
+    best = "" if summary["best_dev"] is None else f", best dev Spearman x100 {summary['best_dev']:.2f}"
+    print(f"trained {summary['steps']} steps, last loss {summary['last_loss']:.4f}{best}")
+    print(f"model saved to {summary['output']}")
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .encoder import SimCSE
+    from .evaluation import EvaluationDataError, evaluate_sts, read_sts_pairs
+
+    try:
+        pairs = read_sts_pairs(args.sts)
+        model = SimCSE(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
+                       backend=args.backend, device=args.device)  # fmt: skip
+    except EvaluationDataError as error:
+        return _fail(str(error))
+    except (OSError, ValueError) as error:
+        return _fail(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}")
+    score = evaluate_sts(model, pairs, batch_size=args.batch_size, show_progress_bar=not args.no_progress)
+    print(f"{args.sts}: {len(pairs.scores)} pairs, Spearman x100 of cosine similarity = {score:.2f}")
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     print(f"simcse_fast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
@@ -197,6 +242,51 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench_parser.add_argument("--out", help="directory for results.json, results.md and PNG plots")
     bench_parser.set_defaults(run=run_bench, preset="default")
+
+    train_parser = commands.add_parser(
+        "train", help="unsupervised SimCSE from a file of sentences (one per line)"
+    )
+    train_parser.add_argument("sentences", help="text file, one sentence per line (.gz works)")
+    train_parser.add_argument("--model", default="distilroberta-base", help="Hugging Face name or folder")
+    train_parser.add_argument("--output", required=True, help="folder for checkpoints and the final model")
+    train_parser.add_argument("--batch-size", type=int, default=128)
+    train_parser.add_argument("--max-seq-length", type=int, default=32)
+    train_parser.add_argument("--pooling", choices=["mean", "max", "cls"], default="mean")
+    train_parser.add_argument("--epochs", type=int, default=1)
+    train_parser.add_argument("--max-steps", type=int, help="stop after this many steps")
+    train_parser.add_argument("--lr", type=float, default=5e-5)
+    train_parser.add_argument(
+        "--temperature", type=float, default=0.05, help="InfoNCE scale is 1/temperature"
+    )
+    train_parser.add_argument("--warmup-ratio", type=float, default=0.1)
+    train_parser.add_argument("--checkpoint-steps", type=int, default=500)
+    train_parser.add_argument("--keep-checkpoints", type=int, default=2)
+    train_parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train_parser.add_argument("--seed", type=int, default=0)
+    train_parser.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
+    train_parser.add_argument("--min-chars", type=int, default=10, help="skip shorter lines (default 10)")
+    train_parser.add_argument(
+        "--mlp-head", action="store_true", help="SimCSE's Linear+tanh head, in training only"
+    )
+    train_parser.add_argument(
+        "--dev-sts", help="STS Benchmark or SICK file: evaluate at each checkpoint, keep the best"
+    )
+    train_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_parser.set_defaults(run=run_train)
+
+    eval_parser = commands.add_parser("eval", help="Spearman x100 of cosine similarity on an STS file")
+    eval_parser.add_argument(
+        "--model", required=True, help="SimCSE or sentence-transformers folder, or HF name"
+    )
+    eval_parser.add_argument("--sts", required=True, help="STS Benchmark or SICK file")
+    eval_parser.add_argument("--pooling", choices=["mean", "max", "cls"], help="default: the folder's")
+    eval_parser.add_argument("--max-seq-length", type=int, help="default: the folder's, else 32")
+    eval_parser.add_argument("--batch-size", type=int, default=64)
+    eval_parser.add_argument("--backend", default=None, choices=["auto", "triton", "cuda", "torch"])
+    eval_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    eval_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    eval_parser.set_defaults(run=run_eval)
 
     info = commands.add_parser("info", help="versions and available backends")
     info.set_defaults(run=run_info)

@@ -41,3 +41,26 @@ def generator(request) -> torch.Generator:
     """A CPU generator seeded from the run's seed and the test's id: fresh inputs every run,
     reproducible with SIMCSE_FAST_TEST_SEED."""
     return torch.Generator().manual_seed(SEED ^ zlib.crc32(request.node.nodeid.encode()))
+
+
+WORDS = (
+    "the a cat dog sat on mat ran fast slow big small red blue house tree car road sun moon and by".split()
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A 2-layer BERT (hidden size 32) with a WordPiece vocabulary written here, saved as a
+    Hugging Face model folder: no download."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s"]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    config = transformers.BertConfig(
+        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(folder)
+    return folder

@@ -51,3 +51,16 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     torch.testing.assert_close(
         actual.double(), expected.double(), rtol=rtol, atol=atol, equal_nan=True, msg=lambda m: f"{what}: {m}"
     )
+
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran fast",
+    "the big red car",
+    "a small blue house",
+    "the sun and the moon",
+    "a tree by the road",
+    "the slow dog sat",
+    "a big cat ran on the road",
+]
+"""Sentences in the tiny BERT's vocabulary (conftest.tiny_bert_dir)."""

@@ -12,39 +12,12 @@ import torch
 pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
 
+from inputs import SENTENCES  # noqa: E402
 from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from simcse_fast.sentence_transformers import losses, models  # noqa: E402
 from simcse_fast.sentence_transformers._compat import st_losses, st_modules  # noqa: E402
-
-WORDS = "the a cat dog sat on mat ran fast slow big small red blue house tree car road sun moon".split()
-SENTENCES = [
-    "the cat sat on the mat",
-    "a dog ran fast",
-    "the big red car",
-    "a small blue house",
-    "the sun and the moon",
-    "a tree by the road",
-    "the slow dog sat",
-    "a big cat ran on the road",
-]
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory):
-    """A 2-layer BERT with a WordPiece vocabulary, saved like a Hugging Face model folder."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS, "##s", "and", "by"]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    config = transformers.BertConfig(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=64,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(folder)
-    return folder
 
 
 def make_model(folder, pooling_class=st_modules.Pooling, **pooling_kwargs) -> SentenceTransformer:
@@ -143,8 +116,8 @@ def parameter_grads(model, loss, columns):
     ],
     ids=["mnrl", "symmetric", "cached"],
 )
-def test_parameter_gradients_match(tiny_model_dir, ours_class, theirs_class, kwargs):
-    model = make_model(tiny_model_dir, models.Pooling)
+def test_parameter_gradients_match(tiny_bert_dir, ours_class, theirs_class, kwargs):
+    model = make_model(tiny_bert_dir, models.Pooling)
     columns = [SENTENCES, SENTENCES[::-1], SENTENCES[1:] + SENTENCES[:1]]
     ours = parameter_grads(model, ours_class(model, **kwargs), columns)
     theirs = parameter_grads(model, theirs_class(model, **kwargs), columns)
@@ -201,10 +174,10 @@ def test_pooling_excludes_the_prompt_like_sentence_transformers(generator):
         torch.testing.assert_close(ours["sentence_embedding"], theirs["sentence_embedding"])
 
 
-def test_saved_model_loads_in_sentence_transformers(tiny_model_dir, tmp_path):
+def test_saved_model_loads_in_sentence_transformers(tiny_bert_dir, tmp_path):
     """The saved folder names sentence-transformers' own Pooling: plain sentence-transformers
     loads it without trust_remote_code, with the same config and embeddings."""
-    model = make_model(tiny_model_dir, models.Pooling, pooling_mode="max")
+    model = make_model(tiny_bert_dir, models.Pooling, pooling_mode="max")
     embeddings = model.encode(SENTENCES, convert_to_tensor=True)
     model.save(str(tmp_path / "fused"))
     modules_json = (tmp_path / "fused" / "modules.json").read_text()
@@ -217,8 +190,8 @@ def test_saved_model_loads_in_sentence_transformers(tiny_model_dir, tmp_path):
     torch.testing.assert_close(reloaded.encode(SENTENCES, convert_to_tensor=True), embeddings)
 
 
-def test_apply_fused_pooling_swaps_in_place(tiny_model_dir):
-    model = make_model(tiny_model_dir, pooling_mode="mean")
+def test_apply_fused_pooling_swaps_in_place(tiny_bert_dir):
+    model = make_model(tiny_bert_dir, pooling_mode="mean")
     before = model.encode(SENTENCES, convert_to_tensor=True)
     assert models.apply_fused_pooling(model) is model
     assert type(model[1]) is models.Pooling and model[1].pooling_mode == "mean"
@@ -227,9 +200,9 @@ def test_apply_fused_pooling_swaps_in_place(tiny_model_dir):
     assert type(model[1]) is st_modules.Pooling
 
 
-def test_simcse_example_trains_with_only_the_import_swapped(tiny_model_dir):
+def test_simcse_example_trains_with_only_the_import_swapped(tiny_bert_dir):
     """The seed's SimCSE recipe: InputExample(texts=[s, s]), a DataLoader, model.fit."""
-    model = make_model(tiny_model_dir, models.Pooling)
+    model = make_model(tiny_bert_dir, models.Pooling)
     model.train()
     train_examples = [InputExample(texts=[s, s]) for s in SENTENCES * 2]
     train_dataloader = DataLoader(train_examples, batch_size=4, shuffle=True)
