@@ -8,10 +8,30 @@ An explicitly requested backend runs or raises ``ValueError`` saying why it cann
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
 from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_INTERPRETER
+
+
+def _load_extension():
+    """``(simcse_fast._C, None)`` or ``(None, why it is missing)``. A build that exists but
+    does not load (e.g. built for another Python) warns once; a missing build is silent."""
+    try:
+        from . import _C
+    except ModuleNotFoundError:
+        return None, (
+            "the compiled extension simcse_fast._C is not built (reinstall with nvcc on PATH, or "
+            "SIMCSE_FAST_BUILD_CUDA=1 to insist; see the README)"
+        )
+    except ImportError as error:
+        warnings.warn(f"simcse_fast._C is built but does not load: {error}", RuntimeWarning, stacklevel=2)
+        return None, f"the compiled extension simcse_fast._C does not load ({error})"
+    return _C, None
+
+
+CUDA_EXTENSION, CUDA_EXTENSION_ERROR = _load_extension()
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
 BACKEND_ENV_VAR = "SIMCSE_FAST_BACKEND"
@@ -45,8 +65,14 @@ def _triton_unusable_reason(device: torch.device | None) -> str | None:
     return f"the Triton kernels do not run on {device.type} tensors"
 
 
-def _cuda_unusable_reason() -> str:
-    return "the compiled extension simcse_fast._C is not part of this build"
+def _cuda_unusable_reason(device: torch.device | None) -> str | None:
+    if CUDA_EXTENSION is None:
+        return CUDA_EXTENSION_ERROR
+    if device is None:
+        return None if torch.cuda.is_available() else "no CUDA device is available"
+    return (
+        None if device.type == "cuda" else f"the compiled CUDA kernels need CUDA tensors, got {device.type}"
+    )
 
 
 def available_backends() -> list[str]:
@@ -54,14 +80,19 @@ def available_backends() -> list[str]:
     names = ["torch"]
     if _triton_unusable_reason(None) is None:
         names.append("triton")
+    if _cuda_unusable_reason(None) is None:
+        names.append("cuda")
     return names
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) for tensors on ``device``.
+def resolve_backend(
+    backend: str | None, device: torch.device, op: str, implemented=("triton", "cuda", "torch")
+) -> str:
+    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) to run ``op`` on tensors
+    on ``device``; ``implemented`` lists the backends that have a kernel for ``op``.
 
     Raises ``TypeError`` for a non-string ``backend`` and ``ValueError`` for an unknown name or
-    an explicit backend that cannot run here.
+    an explicit backend that cannot run here. ``"auto"`` prefers Triton on CUDA tensors.
     """
     if backend is None:
         backend = default_backend()
@@ -73,10 +104,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if device.type == "cuda" and _triton_unusable_reason(device) is None:
             return "triton"
         return "torch"
-    if backend == "triton":
+    if backend not in implemented:
+        reason = f"there is no {backend} kernel for {op}; use one of {', '.join(implemented)}"
+    elif backend == "triton":
         reason = _triton_unusable_reason(device)
     elif backend == "cuda":
-        reason = _cuda_unusable_reason()
+        reason = _cuda_unusable_reason(device)
     else:
         reason = None
     if reason is not None:

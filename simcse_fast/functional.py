@@ -19,6 +19,20 @@ from ._checks import (
     scale_tensor,
 )
 
+LOSS_BACKENDS = ("triton", "torch")
+"""The loss has Triton kernels and the chunked PyTorch path; the compiled extension has pooling only."""
+
+
+def _pooling_backend(token_embeddings, attention_mask, backend, op: str) -> str:
+    check_pooling_inputs(token_embeddings, attention_mask)
+    implementation = resolve_backend(backend, token_embeddings.device, op)
+    if implementation == "cuda" and token_embeddings.dtype not in pooling.CUDA_DTYPES:
+        raise ValueError(
+            "backend='cuda' takes float32, float16 or bfloat16 token_embeddings; "
+            f"got {token_embeddings.dtype}"
+        )
+    return implementation
+
 
 def masked_mean_pool(
     token_embeddings: Tensor, attention_mask: Tensor, *, backend: str | None = None
@@ -30,10 +44,10 @@ def masked_mean_pool(
     dtype, accumulated in fp32 (fp64 for fp64 input). Rows with no present token give zeros and
     zero gradient; values at absent positions never reach the output.
     """
-    check_pooling_inputs(token_embeddings, attention_mask)
-    if resolve_backend(backend, token_embeddings.device) == "triton":
-        return pooling.masked_mean_pool_op(token_embeddings, attention_mask)
-    return reference.masked_mean_pool(token_embeddings, attention_mask)
+    implementation = _pooling_backend(token_embeddings, attention_mask, backend, "masked_mean_pool")
+    if implementation == "torch":
+        return reference.masked_mean_pool(token_embeddings, attention_mask)
+    return pooling.masked_mean_pool_op(token_embeddings, attention_mask, implementation)
 
 
 def masked_max_pool(
@@ -46,11 +60,11 @@ def masked_max_pool(
     gradient goes to one position per ``(b, h)``: the first (lowest ``l``) present position
     holding the maximum.
     """
-    check_pooling_inputs(token_embeddings, attention_mask)
-    if resolve_backend(backend, token_embeddings.device) == "triton":
-        pooled, _ = pooling.masked_max_pool_op(token_embeddings, attention_mask)
-        return pooled
-    return reference.masked_max_pool(token_embeddings, attention_mask)
+    implementation = _pooling_backend(token_embeddings, attention_mask, backend, "masked_max_pool")
+    if implementation == "torch":
+        return reference.masked_max_pool(token_embeddings, attention_mask)
+    pooled, _ = pooling.masked_max_pool_op(token_embeddings, attention_mask, implementation)
+    return pooled
 
 
 def similarity_logsumexp(
@@ -72,7 +86,7 @@ def similarity_logsumexp(
             f"got N = {queries.shape[0]}, M = {keys.shape[0]}"
         )
     scale = scale_tensor(scale, queries.device)
-    implementation = resolve_backend(backend, queries.device)
+    implementation = resolve_backend(backend, queries.device, "similarity_logsumexp", LOSS_BACKENDS)
     return similarity.similarity_logsumexp_op(queries, keys, scale, exclude_diagonal, implementation)
 
 
@@ -111,7 +125,7 @@ def info_nce(
             raise ValueError("symmetric=True scores candidate i as anchor i's positive; it takes no labels")
         check_labels(labels, n_anchors, n_candidates, anchors.device)
     scale = scale_tensor(scale, anchors.device)
-    implementation = resolve_backend(backend, anchors.device)
+    implementation = resolve_backend(backend, anchors.device, "info_nce", LOSS_BACKENDS)
     labels = None if labels is None else labels.long()
     loss, _, _ = similarity.info_nce_op(anchors, candidates, scale, labels, symmetric, implementation)
     if reduction == "mean":

@@ -1,4 +1,5 @@
-"""Masked mean and max pooling: Triton kernels, their launchers and the torch.library ops.
+"""Masked mean and max pooling: Triton kernels, the launchers of the Triton and CUDA kernels
+(``csrc/pooling.cu``, through ``simcse_fast._C``) and the torch.library ops.
 
 Shapes: token embeddings ``x (B, L, H)``, attention mask ``(B, L)`` -> sentence embeddings
 ``(B, H)``. A token is present where the mask is non-zero; the mask may be bool, integer or
@@ -328,26 +329,123 @@ def masked_max_pool_backward(grad_out: Tensor, argmax: Tensor, seq_len: int) -> 
     return grad_x
 
 
+# The "cuda" backend: the kernels of csrc/pooling.cu through simcse_fast._C, which takes raw
+# pointers, sizes, element strides and the stream. Its mask is uint8: bool masks are viewed as
+# uint8 for free, other dtypes cost one (B, L) comparison.
+
+CUDA_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _uint8_mask(attention_mask: Tensor) -> Tensor:
+    if attention_mask.dtype == torch.bool:
+        return attention_mask.view(torch.uint8)
+    if attention_mask.dtype == torch.uint8:
+        return attention_mask
+    return (attention_mask != 0).view(torch.uint8)
+
+
+def _extension():
+    from ._backends import CUDA_EXTENSION
+
+    return CUDA_EXTENSION
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def cuda_masked_mean_pool_forward(token_embeddings: Tensor, attention_mask: Tensor) -> Tensor:
+    """``(B, L, H), (B, L) -> (B, H)`` by the CUDA kernel."""
+    x, mask = _unit_hidden_stride(token_embeddings), _uint8_mask(attention_mask)
+    batch, seq_len, hidden = x.shape
+    out = torch.empty((batch, hidden), dtype=x.dtype, device=x.device)
+    with torch.cuda.device(x.device):
+        _extension().masked_mean_pool_forward(
+            x.data_ptr(), mask.data_ptr(), out.data_ptr(), batch, seq_len, hidden, x.stride(0), x.stride(1),
+            mask.stride(0), mask.stride(1), CUDA_DTYPES[x.dtype], _stream(x.device),
+        )  # fmt: skip
+    return out
+
+
+def cuda_masked_mean_pool_backward(grad_out: Tensor, attention_mask: Tensor, seq_len: int) -> Tensor:
+    """``(B, H), (B, L) -> (B, L, H)`` by the CUDA kernel."""
+    mask = _uint8_mask(attention_mask)
+    batch, hidden = grad_out.shape
+    grad_x = torch.empty((batch, seq_len, hidden), dtype=grad_out.dtype, device=grad_out.device)
+    with torch.cuda.device(grad_out.device):
+        _extension().masked_mean_pool_backward(
+            grad_out.data_ptr(), mask.data_ptr(), grad_x.data_ptr(), batch, seq_len, hidden,
+            grad_out.stride(0), grad_out.stride(1), mask.stride(0), mask.stride(1),
+            CUDA_DTYPES[grad_out.dtype], _stream(grad_out.device),
+        )  # fmt: skip
+    return grad_x
+
+
+def cuda_masked_max_pool_forward(token_embeddings: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, L, H), (B, L) -> (B, H), (B, H) int32`` by the CUDA kernel."""
+    x, mask = _unit_hidden_stride(token_embeddings), _uint8_mask(attention_mask)
+    batch, seq_len, hidden = x.shape
+    out = torch.empty((batch, hidden), dtype=x.dtype, device=x.device)
+    argmax = torch.empty((batch, hidden), dtype=torch.int32, device=x.device)
+    with torch.cuda.device(x.device):
+        _extension().masked_max_pool_forward(
+            x.data_ptr(), mask.data_ptr(), out.data_ptr(), argmax.data_ptr(), batch, seq_len, hidden,
+            x.stride(0), x.stride(1), mask.stride(0), mask.stride(1), CUDA_DTYPES[x.dtype], _stream(x.device),
+        )  # fmt: skip
+    return out, argmax
+
+
+def cuda_masked_max_pool_backward(grad_out: Tensor, argmax: Tensor, seq_len: int) -> Tensor:
+    """``(B, H), (B, H) int32 -> (B, L, H)`` by the CUDA kernel."""
+    batch, hidden = grad_out.shape
+    grad_x = torch.empty((batch, seq_len, hidden), dtype=grad_out.dtype, device=grad_out.device)
+    with torch.cuda.device(grad_out.device):
+        _extension().masked_max_pool_backward(
+            grad_out.data_ptr(), argmax.data_ptr(), grad_x.data_ptr(), batch, seq_len, hidden,
+            grad_out.stride(0), grad_out.stride(1), CUDA_DTYPES[grad_out.dtype], _stream(grad_out.device),
+        )  # fmt: skip
+    return grad_x
+
+
+LAUNCHERS = {
+    "triton": {
+        "mean_forward": masked_mean_pool_forward,
+        "mean_backward": masked_mean_pool_backward,
+        "max_forward": masked_max_pool_forward,
+        "max_backward": masked_max_pool_backward,
+    },
+    "cuda": {
+        "mean_forward": cuda_masked_mean_pool_forward,
+        "mean_backward": cuda_masked_mean_pool_backward,
+        "max_forward": cuda_masked_max_pool_forward,
+        "max_backward": cuda_masked_max_pool_backward,
+    },
+}
+
+
 # torch.library ops: opaque to torch.compile (no graph break), with fake kernels for tracing
 # and autograd formulas that call the backward ops.
 
 
 @torch.library.custom_op("simcse_fast::masked_mean_pool", mutates_args=())
-def masked_mean_pool_op(token_embeddings: Tensor, attention_mask: Tensor) -> Tensor:
-    """Triton masked mean pooling, ``(B, L, H), (B, L) -> (B, H)``; inputs already checked."""
-    return masked_mean_pool_forward(token_embeddings, attention_mask)
+def masked_mean_pool_op(token_embeddings: Tensor, attention_mask: Tensor, implementation: str) -> Tensor:
+    """Masked mean pooling by the ``"triton"`` or ``"cuda"`` kernels, ``(B, L, H), (B, L) ->
+    (B, H)``; inputs already checked."""
+    return LAUNCHERS[implementation]["mean_forward"](token_embeddings, attention_mask)
 
 
 @masked_mean_pool_op.register_fake
-def _masked_mean_pool_fake(token_embeddings: Tensor, attention_mask: Tensor) -> Tensor:
+def _masked_mean_pool_fake(token_embeddings: Tensor, attention_mask: Tensor, implementation: str) -> Tensor:
     batch, _, hidden = token_embeddings.shape
     return token_embeddings.new_empty((batch, hidden))
 
 
 @torch.library.custom_op("simcse_fast::masked_mean_pool_backward", mutates_args=())
-def masked_mean_pool_backward_op(grad_out: Tensor, attention_mask: Tensor, seq_len: int) -> Tensor:
+def masked_mean_pool_backward_op(
+    grad_out: Tensor, attention_mask: Tensor, seq_len: int, implementation: str
+) -> Tensor:
     """Gradient of :func:`masked_mean_pool_op` with respect to the token embeddings."""
-    return masked_mean_pool_backward(grad_out, attention_mask, seq_len)
+    return LAUNCHERS[implementation]["mean_backward"](grad_out, attention_mask, seq_len)
 
 
 def _token_gradient_fake(grad_out: Tensor, seq_len: int) -> Tensor:
@@ -356,32 +454,36 @@ def _token_gradient_fake(grad_out: Tensor, seq_len: int) -> Tensor:
 
 
 @masked_mean_pool_backward_op.register_fake
-def _masked_mean_pool_backward_fake(grad_out: Tensor, attention_mask: Tensor, seq_len: int) -> Tensor:
+def _masked_mean_pool_backward_fake(grad_out, attention_mask, seq_len: int, implementation) -> Tensor:
     return _token_gradient_fake(grad_out, seq_len)
 
 
 def _mean_setup_context(ctx, inputs, output) -> None:
-    token_embeddings, attention_mask = inputs
+    token_embeddings, attention_mask, implementation = inputs
     ctx.save_for_backward(attention_mask)
     ctx.seq_len = token_embeddings.shape[1]
+    ctx.implementation = implementation
 
 
 def _mean_backward(ctx, grad_out: Tensor):
     (attention_mask,) = ctx.saved_tensors
-    return masked_mean_pool_backward_op(grad_out, attention_mask, ctx.seq_len), None
+    return masked_mean_pool_backward_op(grad_out, attention_mask, ctx.seq_len, ctx.implementation), None, None
 
 
 masked_mean_pool_op.register_autograd(_mean_backward, setup_context=_mean_setup_context)
 
 
 @torch.library.custom_op("simcse_fast::masked_max_pool", mutates_args=())
-def masked_max_pool_op(token_embeddings: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Triton masked max pooling: the pooled ``(B, H)`` and the int32 argmax its backward uses."""
-    return masked_max_pool_forward(token_embeddings, attention_mask)
+def masked_max_pool_op(
+    token_embeddings: Tensor, attention_mask: Tensor, implementation: str
+) -> tuple[Tensor, Tensor]:
+    """Masked max pooling by the ``"triton"`` or ``"cuda"`` kernels: the pooled ``(B, H)`` and
+    the int32 argmax its backward uses."""
+    return LAUNCHERS[implementation]["max_forward"](token_embeddings, attention_mask)
 
 
 @masked_max_pool_op.register_fake
-def _masked_max_pool_fake(token_embeddings: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+def _masked_max_pool_fake(token_embeddings, attention_mask, implementation) -> tuple[Tensor, Tensor]:
     batch, _, hidden = token_embeddings.shape
     return (
         token_embeddings.new_empty((batch, hidden)),
@@ -390,26 +492,29 @@ def _masked_max_pool_fake(token_embeddings: Tensor, attention_mask: Tensor) -> t
 
 
 @torch.library.custom_op("simcse_fast::masked_max_pool_backward", mutates_args=())
-def masked_max_pool_backward_op(grad_out: Tensor, argmax: Tensor, seq_len: int) -> Tensor:
+def masked_max_pool_backward_op(
+    grad_out: Tensor, argmax: Tensor, seq_len: int, implementation: str
+) -> Tensor:
     """Gradient of :func:`masked_max_pool_op` with respect to the token embeddings."""
-    return masked_max_pool_backward(grad_out, argmax, seq_len)
+    return LAUNCHERS[implementation]["max_backward"](grad_out, argmax, seq_len)
 
 
 @masked_max_pool_backward_op.register_fake
-def _masked_max_pool_backward_fake(grad_out: Tensor, argmax: Tensor, seq_len: int) -> Tensor:
+def _masked_max_pool_backward_fake(grad_out, argmax, seq_len: int, implementation) -> Tensor:
     return _token_gradient_fake(grad_out, seq_len)
 
 
 def _max_setup_context(ctx, inputs, output) -> None:
-    token_embeddings, _ = inputs
+    token_embeddings, _, implementation = inputs
     _, argmax = output
     ctx.save_for_backward(argmax)
     ctx.seq_len = token_embeddings.shape[1]
+    ctx.implementation = implementation
 
 
 def _max_backward(ctx, grad_out: Tensor, grad_argmax: Tensor | None):
     (argmax,) = ctx.saved_tensors
-    return masked_max_pool_backward_op(grad_out, argmax, ctx.seq_len), None
+    return masked_max_pool_backward_op(grad_out, argmax, ctx.seq_len, ctx.implementation), None, None
 
 
 masked_max_pool_op.register_autograd(_max_backward, setup_context=_max_setup_context)

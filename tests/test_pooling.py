@@ -10,6 +10,7 @@ from inputs import DTYPES, assert_close_to_reference, cpu_backends, random_embed
 
 import simcse_fast as sf
 from simcse_fast import reference
+from simcse_fast._backends import CUDA_EXTENSION
 
 POOLS = {
     "mean": (sf.masked_mean_pool, reference.masked_mean_pool),
@@ -20,6 +21,12 @@ PLACES = [("cpu", backend) for backend in cpu_backends()] + [
     pytest.param("cuda", backend, marks=pytest.mark.gpu, id=f"cuda-{backend}")
     for backend in ("torch", "triton")
 ]
+PLACES.append(
+    pytest.param(
+        "cuda", "cuda", id="cuda-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(CUDA_EXTENSION is None, reason="no simcse_fast._C")],
+    )
+)  # fmt: skip
 
 # (B, L, H, padding layout): sizes of 1, odd sizes, H not a power of two, L up to 8192.
 SHAPES = [
@@ -191,6 +198,9 @@ def test_offsets_past_two_to_the_31(pool, generator):
     x = torch.randn(batch, seq_len, hidden, dtype=torch.bfloat16, device="cuda")
     mask = torch.ones(batch, seq_len, dtype=torch.bool, device="cuda")
     mask[-1, seq_len // 2 :] = False
-    out = POOLS[pool][0](x, mask, backend="triton")
     expected = POOLS[pool][1](x[-3:].double(), mask[-3:])
-    assert_close_to_reference(out[-3:], expected, torch.bfloat16, f"{pool} forward at large offsets")
+    for backend in [name for name in ("triton", "cuda") if name in sf.available_backends()]:
+        out = POOLS[pool][0](x, mask, backend=backend)
+        assert_close_to_reference(
+            out[-3:], expected, torch.bfloat16, f"{pool} {backend} forward at large offsets"
+        )
