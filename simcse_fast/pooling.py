@@ -31,6 +31,14 @@ NO_TOKEN = tl.constexpr(2**31 - 1)
 
 
 @triton.jit
+def _present(mask_row, positions, seq_len, stride_mask_seq):
+    """``mask[b, positions] != 0`` for one sequence's mask row; positions past the end are absent."""
+    return (
+        tl.load(mask_row + positions.to(tl.int64) * stride_mask_seq, mask=positions < seq_len, other=0) != 0
+    )
+
+
+@triton.jit
 def _masked_mean_pool_forward_kernel(
     x_ptr,
     mask_ptr,
@@ -58,10 +66,7 @@ def _masked_mean_pool_forward_kernel(
     count = tl.zeros((BLOCK_L,), dtype=tl.int32)
     for start in range(0, seq_len, BLOCK_L):
         positions = start + tl.arange(0, BLOCK_L)
-        present = (
-            tl.load(mask_row + positions.to(tl.int64) * stride_mask_seq, mask=positions < seq_len, other=0)
-            != 0
-        )
+        present = _present(mask_row, positions, seq_len, stride_mask_seq)
         x = tl.load(
             x_row + positions.to(tl.int64)[:, None] * stride_x_seq + cols[None, :],
             mask=present[:, None] & col_in[None, :],
@@ -101,10 +106,7 @@ def _masked_mean_pool_backward_kernel(
     count = tl.zeros((BLOCK_L,), dtype=tl.int32)
     for start in range(0, seq_len, BLOCK_L):
         positions = start + tl.arange(0, BLOCK_L)
-        present = (
-            tl.load(mask_row + positions.to(tl.int64) * stride_mask_seq, mask=positions < seq_len, other=0)
-            != 0
-        )
+        present = _present(mask_row, positions, seq_len, stride_mask_seq)
         count += present.to(tl.int32)
     token_count = tl.maximum(tl.sum(count, axis=0), 1)
     grad = tl.load(
@@ -117,7 +119,7 @@ def _masked_mean_pool_backward_kernel(
     for start in range(0, seq_len, BLOCK_L):
         positions = start + tl.arange(0, BLOCK_L)
         in_seq = positions < seq_len
-        present = tl.load(mask_row + positions.to(tl.int64) * stride_mask_seq, mask=in_seq, other=0) != 0
+        present = _present(mask_row, positions, seq_len, stride_mask_seq)
         value = tl.where(present[:, None], grad[None, :], 0.0)
         tl.store(
             grad_row + positions.to(tl.int64)[:, None] * hidden + cols[None, :],
@@ -158,10 +160,7 @@ def _masked_max_pool_forward_kernel(
     best_pos = tl.full((BLOCK_L, BLOCK_H), NO_TOKEN, dtype=tl.int32)
     for start in range(0, seq_len, BLOCK_L):
         positions = start + tl.arange(0, BLOCK_L)
-        present = (
-            tl.load(mask_row + positions.to(tl.int64) * stride_mask_seq, mask=positions < seq_len, other=0)
-            != 0
-        )
+        present = _present(mask_row, positions, seq_len, stride_mask_seq)
         x = tl.load(
             x_row + positions.to(tl.int64)[:, None] * stride_x_seq + cols[None, :],
             mask=present[:, None] & col_in[None, :],

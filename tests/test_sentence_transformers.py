@@ -231,3 +231,21 @@ def test_pooling_and_loss_compile_without_graph_breaks(generator):
     tokens = [torch.randn(8, 5, 16, generator=generator, requires_grad=True) for _ in range(2)]
     expected = step(*tokens)
     torch.testing.assert_close(compiled(*tokens), expected)
+
+
+def test_trainer_trains_through_the_fused_loss(tiny_bert_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    model = make_model(tiny_bert_dir, models.Pooling)
+    model.train()
+    train_dataset = datasets.Dataset.from_dict({"anchor": SENTENCES, "positive": SENTENCES[::-1]})
+    arguments = SentenceTransformerTrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
+        report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    loss = losses.MultipleNegativesRankingLoss(model, directions=("query_to_doc", "doc_to_query"))
+    before = [p.detach().clone() for p in model.parameters()]
+    SentenceTransformerTrainer(model=model, args=arguments, train_dataset=train_dataset, loss=loss).train()
+    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2
