@@ -193,26 +193,30 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def measure_ceilings(device: Device, dtype: torch.dtype) -> dict:
     """A large device-to-device copy (GB/s, read + write) and large matmuls (TFLOP/s) in bf16
-    and in the benchmark dtype."""
+    and in the benchmark dtype, each at its fastest run: a ceiling is what the device can do."""
     copy_bytes = 2**30 if device.is_cuda else 2**28
     source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device.device).uniform_()
     target = torch.empty_like(source)
-    copy_ms = _median_ms(device, functools.partial(target.copy_, source), min_repeats=5)
+    copy_ms = _measure_ms(device, functools.partial(target.copy_, source), min_repeats=5, statistic=min)
     del source, target
     ceilings = {"copy_gbps": 2 * copy_bytes / copy_ms / 1e6}
     for matmul_dtype in dict.fromkeys((torch.bfloat16, dtype)):
         # CPUs without bf16/fp16 matrix units run half-precision matmuls slowly: a smaller
         # matrix keeps the ceiling measurement from dominating a quick run.
-        size = 8192 if device.is_cuda else 1024 if matmul_dtype == torch.float32 else 256
+        size = 8192 if device.is_cuda else 2048 if matmul_dtype == torch.float32 else 256
         a = torch.randn(size, size, device=device.device).to(matmul_dtype)
         b = torch.randn(size, size, device=device.device).to(matmul_dtype)
-        tflops = 2 * size**3 / _median_ms(device, lambda a=a, b=b: a @ b, min_repeats=3) / 1e9
+        tflops = 2 * size**3 / _measure_ms(device, lambda a=a, b=b: a @ b, min_repeats=3, statistic=min) / 1e9
         ceilings[f"matmul_{str(matmul_dtype).removeprefix('torch.')}_tflops"] = tflops
     ceilings["bf16_tflops"] = ceilings["matmul_bfloat16_tflops"]
     return ceilings
 
 
-def _median_ms(device: Device, fn, *, min_repeats: int = 5, warmup: int = 2, setup=None) -> float:
+def _measure_ms(
+    device: Device, fn, *, min_repeats: int = 5, warmup: int = 2, setup=None, statistic=statistics.median
+):
+    """``statistic`` (the median) of the milliseconds of ``fn()`` (or ``fn(setup())``, setup
+    untimed), run at least ``min_repeats`` times and until ``MIN_MEASURE_SECONDS`` were timed."""
     for _ in range(warmup):
         fn() if setup is None else fn(setup())
     device.synchronize()
@@ -224,7 +228,7 @@ def _median_ms(device: Device, fn, *, min_repeats: int = 5, warmup: int = 2, set
             state = setup()
             device.synchronize()
             times.append(device.time_ms(functools.partial(fn, state)))
-    return statistics.median(times)
+    return statistic(times)
 
 
 def _input_rotation(device: Device, input_bytes: int) -> int:
@@ -261,11 +265,11 @@ def measure_case(case: Case, device: Device, min_repeats: int) -> dict:
         backward(case.run(*inputs))
 
     result = {
-        "forward": _median_ms(device, forward, min_repeats=min_repeats, setup=next_inputs),
-        "backward": _median_ms(
+        "forward": _measure_ms(device, forward, min_repeats=min_repeats, setup=next_inputs),
+        "backward": _measure_ms(
             device, backward, min_repeats=min_repeats, setup=lambda: forward(next_inputs())
         ),
-        "forward+backward": _median_ms(device, forward_backward, min_repeats=min_repeats, setup=next_inputs),
+        "forward+backward": _measure_ms(device, forward_backward, min_repeats=min_repeats, setup=next_inputs),
     }
     inputs = next_inputs()
     with device.peak_memory(result):
