@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional
+from ..similarity import NORM_EPS
 from ._compat import all_gather_with_grad, cos_sim, get_rank, st_losses
 
 __all__ = [
@@ -40,9 +41,6 @@ __all__ = [
     "MultipleNegativesSymmetricRankingLoss",
     "fused_in_batch_negatives_loss",
 ]
-
-NORM_EPS = 1e-12
-
 
 def _rotate_rows(x: Tensor, offset: int) -> Tensor:
     """Rows ``offset..`` first: then row ``i`` of this device's block is row ``i`` of the
