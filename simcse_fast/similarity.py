@@ -232,7 +232,9 @@ def inverse_norms(x: Tensor) -> Tensor:
 # Each implementation provides two functions over row-contiguous inputs, their fp32 inverse
 # norms and a 1-element fp32 scale:
 #   forward(q, k, inv_q, inv_k, scale, exclude_diagonal) -> lse (N,)
-#   backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal) -> U, R, V, C  (fp32)
+#   backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v) -> R, C  (fp32)
+# The backward adds U and V into the caller's fp32 buffers u (N, D) and v (M, D), so that the
+# passes of one op share a single (N + M) x D accumulator instead of each allocating its own.
 
 
 def _triton_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
@@ -251,13 +253,12 @@ def _triton_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
 
 
 def _triton_backward_pass(
-    rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, rows_are_queries, exclude_diagonal
+    rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, rows_are_queries, exclude_diagonal, grad_acc
 ):
     n_rows, dim = rows.shape
-    grad_acc = torch.zeros((n_rows, dim), dtype=torch.float32, device=rows.device)
     cos_weight = torch.zeros(n_rows, dtype=torch.float32, device=rows.device)
     if n_rows == 0:
-        return grad_acc, cos_weight
+        return cos_weight
     config = SIMILARITY_CONFIGS["backward", rows.element_size()]
     _similarity_lse_backward_kernel[(triton.cdiv(n_rows, config.block_rows),)](
         rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, grad_acc, cos_weight,
@@ -266,13 +267,13 @@ def _triton_backward_pass(
         BLOCK_R=config.block_rows, BLOCK_C=config.block_cols, BLOCK_D=config.block_d,
         DOT_PRECISION=_dot_precision(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return grad_acc, cos_weight
+    return cos_weight
 
 
-def _triton_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal):
-    u, r = _triton_backward_pass(q, k, inv_q, inv_k, scale, lse, grad_lse, True, exclude_diagonal)
-    v, c = _triton_backward_pass(k, q, inv_k, inv_q, scale, lse, grad_lse, False, exclude_diagonal)
-    return u, r, v, c
+def _triton_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v):
+    r = _triton_backward_pass(q, k, inv_q, inv_k, scale, lse, grad_lse, True, exclude_diagonal, u)
+    c = _triton_backward_pass(k, q, inv_k, inv_q, scale, lse, grad_lse, False, exclude_diagonal, v)
+    return r, c
 
 
 CHUNK_ELEMENTS = 1 << 21
@@ -304,9 +305,8 @@ def _torch_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
     return lse
 
 
-def _torch_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal):
+def _torch_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v):
     q_unit, k_unit = q.float() * inv_q[:, None], k.float() * inv_k[:, None]
-    u, v = torch.zeros_like(q_unit), torch.zeros_like(k_unit)
     r = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
     c = torch.zeros(k.shape[0], dtype=torch.float32, device=q.device)
     for start, stop in _chunks(q.shape[0], k.shape[0]):
@@ -316,12 +316,12 @@ def _torch_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal):
             # Explicit zeros: a row whose only term is excluded has lse = -inf, and exp(nan).
             rows = torch.arange(stop - start, device=q.device)
             grad_logits[rows, rows + start] = 0.0
-        u[start:stop] = grad_logits @ k_unit
+        u[start:stop] += grad_logits @ k_unit
         v += grad_logits.T @ q_unit[start:stop]
         weighted_cos = cos.mul_(grad_logits)
         r[start:stop] = weighted_cos.sum(dim=1)
         c += weighted_cos.sum(dim=0)
-    return u, r, v, c
+    return r, c
 
 
 IMPLEMENTATIONS = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
@@ -385,12 +385,11 @@ def _lse_backward(
     ``keys``) to both sides' accumulators; returns its share of ``d scale`` (sum of R)."""
     backward = IMPLEMENTATIONS[implementation][1]
     q, inv_q = queries.rows(n_queries)
-    u, r, v, c = backward(
-        q, keys.x, inv_q, keys.inv_norm, scale, lse, grad_lse.float().contiguous(), exclude_diagonal
-    )
-    queries.weighted_sum[:n_queries] += u
+    r, c = backward(
+        q, keys.x, inv_q, keys.inv_norm, scale, lse, grad_lse.float().contiguous(), exclude_diagonal,
+        queries.weighted_sum[:n_queries], keys.weighted_sum,
+    )  # fmt: skip
     queries.cos_weight[:n_queries] += r
-    keys.weighted_sum += v
     keys.cos_weight += c
     return r.sum()
 

@@ -42,6 +42,7 @@ __all__ = [
     "fused_in_batch_negatives_loss",
 ]
 
+
 def _rotate_rows(x: Tensor, offset: int) -> Tensor:
     """Rows ``offset..`` first: then row ``i`` of this device's block is row ``i`` of the
     result, which is what ``exclude_diagonal`` excludes."""
