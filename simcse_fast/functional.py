@@ -68,7 +68,13 @@ def masked_max_pool(
 
 
 def similarity_logsumexp(
-    queries: Tensor, keys: Tensor, *, scale=20.0, exclude_diagonal: bool = False, backend: str | None = None
+    queries: Tensor,
+    keys: Tensor,
+    *,
+    scale=20.0,
+    exclude_diagonal: bool = False,
+    backend: str | None = None,
+    chunk_mb: float | None = None,
 ) -> Tensor:
     """Row-wise log-sum-exp of scaled cosine similarities, without the N x M matrix.
 
@@ -76,7 +82,9 @@ def similarity_logsumexp(
     1e-12; ``queries (N, D)``, ``keys (M, D)`` (fp32, fp16 or bf16, same dtype and device) ->
     ``(N,)`` fp32. ``exclude_diagonal=True`` leaves out the term ``j = i`` (needs M >= N).
     ``scale``: a float or a 0-dim tensor, which receives a gradient. Extra memory beyond the
-    inputs and their gradients is O((N + M) D).
+    inputs and their gradients is O((N + M) D) plus the N x M chunk budget: ``chunk_mb`` MiB,
+    else ``SIMCSE_FAST_LOSS_CHUNK_MB``, else the size of the fp32 gradient buffers (at least
+    32 MiB); a larger budget buys fewer, larger backward chunks.
     """
     check_embedding_pair("queries", queries, "keys", keys)
     check_bool("exclude_diagonal", exclude_diagonal)
@@ -87,7 +95,12 @@ def similarity_logsumexp(
         )
     scale = scale_tensor(scale, queries.device)
     implementation = resolve_backend(backend, queries.device, "similarity_logsumexp", LOSS_BACKENDS)
-    return similarity.similarity_logsumexp_op(queries, keys, scale, exclude_diagonal, implementation)
+    budget = similarity.memory_budget(chunk_mb, queries.shape[0], keys.shape[0], queries.shape[1])
+    lse, _, _ = similarity.contrastive_loss_op(
+        queries, keys, scale, None, queries.shape[0], False, False, False, False, False,
+        exclude_diagonal, implementation, budget,
+    )  # fmt: skip
+    return lse
 
 
 def info_nce(
@@ -99,6 +112,7 @@ def info_nce(
     symmetric: bool = False,
     reduction: str = "mean",
     backend: str | None = None,
+    chunk_mb: float | None = None,
 ) -> Tensor:
     """Cross-entropy over scaled cosine similarities (InfoNCE, MultipleNegativesRankingLoss).
 
@@ -110,6 +124,11 @@ def info_nce(
     ``l_i = (logsumexp_j logits[i, j] + logsumexp_k logits[k, i]) / 2 - logits[i, i]``.
     ``reduction``: ``"mean"``, ``"sum"`` (0-dim) or ``"none"`` ((N,)). The loss is fp32;
     gradients reach anchors, candidates and a tensor ``scale`` in their own dtypes.
+    ``chunk_mb``: the N x M memory budget, as in :func:`similarity_logsumexp`.
+
+    The gradient of the logits, ``g_i (P_ij - [j = labels_i])``, is formed in fp32 with
+    ``1 - P_ii`` free of cancellation and only then rounded to the inputs' dtype, so half-precision
+    gradients stay accurate for easy positives (``P_ii`` near 1, as in unsupervised SimCSE).
     """
     check_embedding_pair("anchors", anchors, "candidates", candidates)
     n_anchors, n_candidates = anchors.shape[0], candidates.shape[0]
@@ -126,10 +145,60 @@ def info_nce(
         check_labels(labels, n_anchors, n_candidates, anchors.device)
     scale = scale_tensor(scale, anchors.device)
     implementation = resolve_backend(backend, anchors.device, "info_nce", LOSS_BACKENDS)
-    labels = None if labels is None else labels.long()
-    loss, _, _ = similarity.info_nce_op(anchors, candidates, scale, labels, symmetric, implementation)
+    labels = None if labels is None else labels.long().contiguous()
+    budget = similarity.memory_budget(chunk_mb, n_anchors, n_candidates, anchors.shape[1])
+    loss, _, _ = similarity.contrastive_loss_op(
+        anchors, candidates, scale, labels, n_anchors, False, symmetric, False, False, True, False,
+        implementation, budget,
+    )  # fmt: skip
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
+    return loss
+
+
+def in_batch_negatives_loss(
+    queries: Tensor,
+    docs: Tensor,
+    *,
+    n_local: int,
+    scale=20.0,
+    directions=("query_to_doc",),
+    partition_mode: str = "joint",
+    backend: str | None = None,
+    chunk_mb: float | None = None,
+) -> Tensor:
+    """Per-query loss ``(n_local,)`` fp32 of sentence-transformers' MultipleNegativesRankingLoss
+    family, without the similarity matrix.
+
+    ``queries (Nq, D)``: this process's ``n_local`` queries first, then any gathered from other
+    processes; ``docs (k Nq, D)``: ``k`` columns of documents (positives, then hard negatives),
+    each laid out like the queries. For ``i < n_local``: ``loss_i = log_z_i - scale cos(q_i,
+    d_i)``, with ``log_z_i`` over the ``directions`` ("query_to_doc" required; "query_to_query",
+    "doc_to_query", "doc_to_doc" as in sentence-transformers): ``partition_mode="joint"`` one
+    softmax over all their terms, ``"per_direction"`` the mean of their log-sum-exps.
+    """
+    check_embedding_pair("queries", queries, "docs", docs)
+    n_queries = queries.shape[0]
+    if isinstance(n_local, bool) or not isinstance(n_local, int) or not 0 <= n_local <= n_queries:
+        raise ValueError(f"n_local must be an int in [0, {n_queries}] (the local queries); got {n_local!r}")
+    if n_queries and docs.shape[0] % n_queries:
+        raise ValueError(
+            f"docs must hold whole columns of {n_queries} documents (one per query); got {docs.shape[0]} rows"
+        )
+    unknown = set(directions) - set(similarity.DIRECTIONS)
+    if unknown or "query_to_doc" not in directions:
+        raise ValueError(
+            f"directions must include 'query_to_doc' and come from {similarity.DIRECTIONS}; got {directions!r}"
+        )
+    if partition_mode not in ("joint", "per_direction"):
+        raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")
+    scale = scale_tensor(scale, queries.device)
+    implementation = resolve_backend(backend, queries.device, "in_batch_negatives_loss", LOSS_BACKENDS)
+    budget = similarity.memory_budget(chunk_mb, n_queries, docs.shape[0], queries.shape[1])
+    loss, _, _ = similarity.contrastive_loss_op(
+        queries, docs, scale, None, n_local, "query_to_query" in directions, "doc_to_query" in directions,
+        "doc_to_doc" in directions, partition_mode == "joint", True, False, implementation, budget,
+    )  # fmt: skip
     return loss

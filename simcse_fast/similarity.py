@@ -1,40 +1,75 @@
-"""Row log-sum-exp of scaled cosine similarities, never building the N x M matrix.
+"""Normalized-similarity cross-entropy without the N x M matrix: one engine for
+``similarity_logsumexp``, ``info_nce`` and sentence-transformers' in-batch-negatives losses.
 
-    lse[i] = log sum_j exp(s * cos(q_i, k_j)),   cos(q_i, k_j) = <q_i, k_j> a_i b_j,
-    a_i = 1 / max(|q_i|, eps),  b_j = 1 / max(|k_j|, eps)
+Notation: queries ``q (Nq, D)``, documents ``d (Nd, D)``, inverse norms
+``a_i = 1 / max(|q_i|, eps)`` and ``b_j = 1 / max(|d_j|, eps)``, cosines
+``cos_ij = <q_i, d_j> a_i b_j`` and logits ``s cos_ij`` for the scale ``s``. The first ``n``
+queries (and documents) are this process's rows; queries ``n..Nq-1`` are negatives gathered from
+other processes. For each local row ``i < n``
 
-for queries ``q (N, D)``, keys ``k (M, D)`` and a scale ``s`` (0-dim tensor), optionally leaving
-out ``j = i``. This one primitive carries every loss of the library: ``info_nce`` adds the
-positive logits (a row-wise dot), its symmetric form applies the primitive both ways, hard
-negatives are extra key rows.
+    loss_i = log_z_i - [with_positive] s cos(q_i, d_{label_i})      (label_i = i by default)
 
-Two implementations share the ops below:
+where ``log_z_i`` combines the row log-sum-exps of the chosen directions
 
-* ``"triton"``: flash-attention style. The forward streams key blocks past a block of query
-  rows, ``tl.dot`` on the raw inputs (bf16/fp16 on tensor cores, fp32 accumulation), and keeps
-  a running max and sum of exponentials per row; only the (N,) log-sum-exp is saved. The
-  inverse norms ``a``, ``b`` are computed once (O((N + M) D)) and applied to each tile's dot
-  products rather than to normalized copies of the inputs: the dot of two bf16 vectors is exact
-  in fp32, so the cosines carry no rounding of normalized copies, and no copies are stored.
-* ``"torch"``: the same recomputation scheme in plain PyTorch, query rows in chunks, for CPUs
-  and every device Triton does not serve.
+    query_to_doc    lse_j s cos(q_i, d_j), all documents (``exclude_diagonal``: j != i)
+    query_to_query  lse_{k != i} s cos(q_i, q_k)
+    doc_to_query    lse_k s cos(d_i, q_k)
+    doc_to_doc      lse_{j : j mod Nq != i} s cos(d_i, d_j)  (not d_i's own column blocks)
 
-Backward (both): with ``g = d loss / d lse`` and ``P_ij = exp(s cos_ij - lse_i)``, the logit
-gradient is ``G_ij = g_i P_ij``. Recomputing tiles, two deterministic passes (no float
-atomics) accumulate
+jointly (one softmax over all their terms: ``log_z = logsumexp`` of the direction values) or per
+direction (their mean). ``similarity_logsumexp`` is query_to_doc alone without the positive;
+``info_nce`` is query_to_doc, plus doc_to_query per direction when symmetric; the
+sentence-transformers drop-ins use any combination.
 
-    U_i = sum_j G_ij b_j k_j,  R_i = sum_j G_ij cos_ij   (pass over query blocks)
-    V_j = sum_i G_ij a_i q_i,  C_j = sum_i G_ij cos_ij   (pass over key blocks)
+Forward (``"triton"``): flash-attention style. A program holds a block of query rows and streams
+one *range* of key blocks through ``tl.dot`` on the raw inputs (bf16/fp16 tensor cores, fp32
+accumulation), applying ``a_i b_j`` to each tile in fp32: the products of half inputs are exact
+in fp32, so the cosines carry no rounding of normalized copies. The grid is
+(query blocks) x (key ranges), so that every batch size launches about two waves on the GPU; each
+program writes a partial (shift, sum of exponentials) per row and the partials are merged in a
+fixed order (deterministic). Since ``|cos| <= 1``, when ``|s| <= 40`` the fixed shift ``|s|``
+replaces the running maximum (no term exceeds it by more than rounding, and ``exp(-2|s|)`` stays a
+normal fp32 number); above that the running maximum is kept.
 
-and then, per row, ``dq_i = s a_i (U_i - [|q_i| > eps] a_i R_i q_i)``,
-``dk_j = s b_j (V_j - [|k_j| > eps] b_j C_j k_j)`` and ``ds = sum_i R_i``. ``U`` and ``V`` are
-(N, D) and (M, D) fp32 buffers: extra memory is O((N + M) D), never O(N M). Offsets are int64:
-N * D passes 2**31 at N = 4M, D = 768.
+Backward: with ``g`` the upstream gradient of ``loss`` and ``g_max = max |g|``, the gradient of
+the logits is ``g_max W``, where, for an entry that is neither positive nor left out,
+
+    W_ij = sum over the softmaxes containing it of  weight * exp(s cos_ij - lse)
+
+(row softmaxes are indexed by i, the doc_to_query softmax by the column; joint: lse = log_z and
+weight = g / g_max; per direction: the direction's lse and weight g / (g_max #directions)). At a
+positive ``W = w_r expm1(x_r) + w_c expm1(x_c) + (w_r + w_c - w_pos)``, whose last term is exactly
+zero whenever the positive weight is the sum of the softmax weights: ``1 - P_ii`` is computed
+without cancellation, in fp32, before ``W`` is rounded to the inputs' dtype, and dividing by
+``g_max`` keeps every weight of magnitude up to 1 clear of fp16 underflow whatever the loss
+scale. ``W`` is formed a chunk of rows at a time (a Triton kernel recomputes the chunk's cosines
+and writes ``W`` in the inputs' dtype; on the torch path, plain tensor ops), and the heavy
+products go to the vendor GEMM with fp32 accumulation:
+
+    U_rows[chunk] += W @ unit(cols),   U_cols += W^T @ unit(rows[chunk])
+
+into one fp32 ``(rows, D)`` buffer per input. The normalization backward is then the projection
+``dx_i = s g_max a_i (U_i - [|x_i| > eps] <x^_i, U_i> x^_i)`` and
+``ds = g_max / 2 sum_inputs sum_i <x^_i, U_i>`` (each entry of ``W cos`` is seen once from its
+row and once from its column): the row and column sums of ``W cos`` come out of the GEMM results,
+so the kernel writes nothing but ``W``. No float atomics anywhere: bitwise deterministic, duplicate
+labels included (a positive is an entry of ``W``, not a scatter).
+
+Memory: beyond the inputs, their gradients and O((Nq + Nd) D) buffers, one chunk of ``W`` and its
+temporaries, sized by a byte budget (default: the size of the fp32 buffers, at least
+``DEFAULT_BUDGET_FLOOR``; ``SIMCSE_FAST_LOSS_CHUNK_MB`` or the ``chunk_mb`` argument override it).
+When every direction's cosine matrix fits the budget, the torch path keeps them from the forward
+and the backward does not recompute them (as eager PyTorch keeps its logits).
+
+Offsets into the inputs are int64 (N * D passes 2**31 at N = 4M, D = 768).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -46,8 +81,20 @@ from ._triton import tl, triton
 NORM_EPS = 1e-12
 """Norms are clamped at this value, as in ``torch.nn.functional.normalize``."""
 
+FIXED_SHIFT_MAX_SCALE = 40.0
+"""Up to this ``|scale|`` the forward shifts every exponent by ``|scale|`` instead of a running
+maximum: the smallest term, ``exp(-2 |scale|)``, is still a normal fp32 number."""
+
+DEFAULT_BUDGET_FLOOR = 32 << 20
+"""Bytes of N x M intermediates (a chunk of ``W`` and its temporaries) the default budget
+always allows, however small the inputs."""
+
+CHUNK_ENV_VAR = "SIMCSE_FAST_LOSS_CHUNK_MB"
+
+_LN2 = 0.6931471805599453
 LOG2E = tl.constexpr(1.4426950408889634)
-LN2 = tl.constexpr(0.6931471805599453)
+
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
 @triton.jit
@@ -70,53 +117,44 @@ def _tile_dot(
 
 
 @triton.jit
-def _accumulate_weighted_rows(
-    out_ptr, weights, src_ptr, src_inv_norm, out_rows, out_in, src_rows, src_in, dim, stride_src,
+def _lse_partial_kernel(
+    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, labels_ptr,
+    partial_shift_ptr, partial_sum_ptr, partial_negative_sum_ptr,
+    n_queries, n_keys, keys_per_split, dim, stride_q, stride_k, exclude_period,
+    EXCLUDE: tl.constexpr, POSITIVE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """``out[out_rows] += weights @ (src[src_rows] * src_inv_norm[:, None])`` for fp32
-    ``out (., dim)`` (contiguous), D in ``BLOCK_D`` chunks.
+    """Partial log-sum-exp of ``BLOCK_N`` query rows over the key range of split
+    ``program_id(1)``: ``shift[r]`` and ``sum[r] = sum_j 2 ** (log2(e) s cos_rj - shift[r])``, so
+    that ``lse = ln 2 (shift + log2 sum)`` once the splits are merged. ``EXCLUDE`` leaves out the
+    keys ``j`` with ``j mod exclude_period == r``. With a positive per row (``POSITIVE`` 1: key
+    ``r``; 2: key ``labels[r]``) the same sum without it is kept too: ``1 - P_positive`` is then a
+    ratio of two sums of positive terms, free of the cancellation of ``1 - exp(x)``.
 
-    The source rows are normalized in fp32 before the cast to the dot's input dtype: folding
-    the inverse norm into the weights instead would overflow fp16 for rows of tiny norm (1e12
-    for a zero row). Each output row block belongs to one program, so the read-modify-write of
-    ``out`` needs no atomics.
-    """
-    out_base = out_ptr + out_rows.to(tl.int64)[:, None] * dim
-    src_base = src_ptr + src_rows.to(tl.int64)[:, None] * stride_src
-    for start in range(0, dim, BLOCK_D):
-        offsets = start + tl.arange(0, BLOCK_D)
-        d_in = offsets < dim
-        src = tl.load(src_base + offsets[None, :], mask=src_in[:, None] & d_in[None, :], other=0.0)
-        unit_src = (src.to(tl.float32) * src_inv_norm[:, None]).to(src_ptr.dtype.element_ty)
-        out_mask = out_in[:, None] & d_in[None, :]
-        partial = tl.load(out_base + offsets[None, :], mask=out_mask, other=0.0)
-        partial = tl.dot(weights, unit_src, partial, input_precision=DOT_PRECISION)
-        tl.store(out_base + offsets[None, :], partial, mask=out_mask)
-
-
-@triton.jit
-def _similarity_lse_forward_kernel(
-    q_ptr, k_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, lse_ptr,
-    n_queries, n_keys, dim, stride_q, stride_k,
-    EXCLUDE_DIAGONAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-):  # fmt: skip
-    """``lse[i] = log sum_j exp(s <q_i, k_j> a_i b_j)`` for one block of ``BLOCK_N`` rows.
-
-    Online log-sum-exp in base 2 (``exp2`` is the hardware instruction): running max ``m`` and
-    sum ``l``. A row with no term yet keeps ``m = -inf``; shifting by 0 then avoids
-    ``-inf - -inf``, and a row with no term at all ends with ``-inf``, as ``torch.logsumexp``.
+    Base 2 because ``exp2`` is the hardware instruction. ``|s| <= 40``: fixed shift ``|s| log2 e``
+    (no row maximum per tile). Otherwise an online maximum; a row with no term yet keeps
+    ``-inf`` and shifts by 0, which avoids ``-inf - -inf``; a row with no term at all ends with
+    sum 0, i.e. ``lse = -inf`` as ``torch.logsumexp``.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_queries
+    split = tl.program_id(1)
+    col_begin = split * keys_per_split
+    col_end = tl.minimum(col_begin + keys_per_split, n_keys)
     scale = tl.load(scale_ptr).to(tl.float32)
     row_factor = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0) * (scale * LOG2E)
-    running_max = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
+    if POSITIVE == 2:
+        positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1)
+    else:
+        positive_cols = rows
+    fixed_shift = tl.abs(scale) <= 40.0
+    bound = tl.abs(scale) * LOG2E
+    running_shift = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.where(fixed_shift, bound, float("-inf"))
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for col_start in range(0, n_keys, BLOCK_M):
+    negative_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for col_start in range(col_begin, col_end, BLOCK_M):
         cols = col_start + tl.arange(0, BLOCK_M)
-        col_in = cols < n_keys
+        col_in = cols < col_end
         dots = _tile_dot(
             q_ptr, k_ptr, rows, cols, row_in, col_in, dim, stride_q, stride_k,
             BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION,
@@ -124,70 +162,85 @@ def _similarity_lse_forward_kernel(
         inv_norm_k = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
         logits2 = dots * row_factor[:, None] * inv_norm_k[None, :]
         valid = col_in[None, :]
-        if EXCLUDE_DIAGONAL:
-            valid = valid & (rows[:, None] != cols[None, :])
+        if EXCLUDE:
+            valid = valid & ((cols[None, :] % exclude_period) != rows[:, None])
         logits2 = tl.where(valid, logits2, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits2, axis=1))
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-        running_sum = running_sum * tl.exp2(running_max - shift) + tl.sum(
-            tl.exp2(logits2 - shift[:, None]), axis=1
-        )
-        running_max = new_max
-    lse = (running_max + tl.log2(running_sum)) * LN2
-    tl.store(lse_ptr + rows, lse, mask=row_in)
+        if fixed_shift:
+            terms = tl.exp2(logits2 - bound)
+            running_sum += tl.sum(terms, axis=1)
+            if POSITIVE:
+                negatives = tl.where(cols[None, :] == positive_cols[:, None], 0.0, terms)
+                negative_sum += tl.sum(negatives, axis=1)
+        else:
+            new_max = tl.maximum(running_shift, tl.max(logits2, axis=1))
+            shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+            rescale = tl.exp2(running_shift - shift)
+            terms = tl.exp2(logits2 - shift[:, None])
+            running_sum = running_sum * rescale + tl.sum(terms, axis=1)
+            if POSITIVE:
+                negatives = tl.where(cols[None, :] == positive_cols[:, None], 0.0, terms)
+                negative_sum = negative_sum * rescale + tl.sum(negatives, axis=1)
+            running_shift = new_max
+    out = split.to(tl.int64) * n_queries + rows
+    tl.store(partial_shift_ptr + out, running_shift, mask=row_in)
+    tl.store(partial_sum_ptr + out, running_sum, mask=row_in)
+    if POSITIVE:
+        tl.store(partial_negative_sum_ptr + out, negative_sum, mask=row_in)
 
 
 @triton.jit
-def _similarity_lse_backward_kernel(
-    rows_ptr, cols_ptr, inv_norm_rows_ptr, inv_norm_cols_ptr, scale_ptr, lse_ptr, grad_lse_ptr,
-    grad_acc_ptr, cos_weight_ptr,
-    n_rows, n_cols, dim, stride_rows, stride_cols,
-    ROWS_ARE_QUERIES: tl.constexpr, EXCLUDE_DIAGONAL: tl.constexpr,
+def _gradient_weights_kernel(
+    x_ptr, y_ptr, inv_norm_x_ptr, inv_norm_y_ptr, scale_ptr,
+    row_lse_ptr, row_weight_ptr, col_lse_ptr, col_weight_ptr, positive_value_ptr, labels_ptr, w_ptr,
+    n_rows, n_cols, n_col_terms, dim, stride_x, stride_y, stride_w, first_row, exclude_period,
+    ROW_TERMS: tl.constexpr, COL_TERMS: tl.constexpr, POSITIVE: tl.constexpr, EXCLUDE: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """One backward pass for a block of ``BLOCK_R`` rows of ``rows_ptr`` against all of
-    ``cols_ptr``: ``acc[r] += sum_c G_rc inv_norm_cols[c] cols[c]`` and
-    ``cos_weight[r] = sum_c G_rc cos_rc``.
+    """One ``(BLOCK_R, BLOCK_C)`` tile of the logit-gradient weights ``W`` (module docstring) of
+    rows ``x[0 : n_rows]`` (global row index ``first_row + r``) against ``y[0 : n_cols]``, formed
+    in fp32 and written to ``w`` in its dtype:
 
-    ``ROWS_ARE_QUERIES``: rows are the queries (U, R of the module docstring) and ``lse`` /
-    ``grad_lse`` are indexed by row; otherwise rows are the keys (V, C), the tile is the
-    transpose, and ``lse`` / ``grad_lse`` are indexed by column.
+        W_rc = [ROW_TERMS] w_r exp(s cos_rc - lse_r) + [COL_TERMS, c < n_col_terms] w_c exp(s cos_rc - lse_c)
+
+    except at a row's positive (``POSITIVE`` 1: ``c == first_row + r``; 2: ``c == labels[r]``),
+    which takes the row's precomputed fp32 ``positive_value``, and at the columns left out
+    (``EXCLUDE``: ``c mod exclude_period == first_row + r``), which are 0. Row arrays are indexed
+    by ``r``, column arrays by ``c``.
     """
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_in = rows < n_rows
-    scale = tl.load(scale_ptr).to(tl.float32)
-    inv_norm_rows = tl.load(inv_norm_rows_ptr + rows, mask=row_in, other=0.0)
-    if ROWS_ARE_QUERIES:
-        row_lse = tl.load(lse_ptr + rows, mask=row_in, other=0.0)
-        row_grad = tl.load(grad_lse_ptr + rows, mask=row_in, other=0.0)
-    cos_weight = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for col_start in range(0, n_cols, BLOCK_C):
-        cols = col_start + tl.arange(0, BLOCK_C)
-        col_in = cols < n_cols
-        dots = _tile_dot(
-            rows_ptr, cols_ptr, rows, cols, row_in, col_in, dim, stride_rows, stride_cols,
-            BLOCK_R, BLOCK_C, BLOCK_D, DOT_PRECISION,
-        )  # fmt: skip
-        inv_norm_cols = tl.load(inv_norm_cols_ptr + cols, mask=col_in, other=0.0)
-        cos = dots * inv_norm_rows[:, None] * inv_norm_cols[None, :]
-        if ROWS_ARE_QUERIES:
-            log_prob = scale * cos - row_lse[:, None]
-            upstream = row_grad[:, None]
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    r_in = r < n_rows
+    c_in = c < n_cols
+    dots = _tile_dot(
+        x_ptr, y_ptr, r, c, r_in, c_in, dim, stride_x, stride_y, BLOCK_R, BLOCK_C, BLOCK_D, DOT_PRECISION
+    )
+    inv_norm_x = tl.load(inv_norm_x_ptr + r, mask=r_in, other=0.0)
+    inv_norm_y = tl.load(inv_norm_y_ptr + c, mask=c_in, other=0.0)
+    logits = (tl.load(scale_ptr).to(tl.float32) * inv_norm_x)[:, None] * dots * inv_norm_y[None, :]
+    weights = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    if ROW_TERMS:
+        row_lse = tl.load(row_lse_ptr + r, mask=r_in, other=0.0)
+        row_weight = tl.load(row_weight_ptr + r, mask=r_in, other=0.0)
+        weights += row_weight[:, None] * tl.exp(logits - row_lse[:, None])
+    if COL_TERMS:
+        c_terms = c < n_col_terms
+        col_lse = tl.load(col_lse_ptr + c, mask=c_terms, other=0.0)
+        col_weight = tl.load(col_weight_ptr + c, mask=c_terms, other=0.0)
+        weights += tl.where(c_terms[None, :], col_weight[None, :] * tl.exp(logits - col_lse[None, :]), 0.0)
+    global_rows = first_row + r
+    if POSITIVE:
+        if POSITIVE == 2:
+            positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1)
         else:
-            col_lse = tl.load(lse_ptr + cols, mask=col_in, other=0.0)
-            log_prob = scale * cos - col_lse[None, :]
-            upstream = tl.load(grad_lse_ptr + cols, mask=col_in, other=0.0)[None, :]
-        valid = row_in[:, None] & col_in[None, :]
-        if EXCLUDE_DIAGONAL:
-            valid = valid & (rows[:, None] != cols[None, :])
-        grad_logits = tl.where(valid, upstream * tl.exp2(log_prob * LOG2E), 0.0)
-        cos_weight += tl.sum(grad_logits * cos, axis=1)
-        weights = grad_logits.to(cols_ptr.dtype.element_ty)
-        _accumulate_weighted_rows(
-            grad_acc_ptr, weights, cols_ptr, inv_norm_cols, rows, row_in, cols, col_in, dim, stride_cols,
-            BLOCK_D, DOT_PRECISION,
-        )  # fmt: skip
-    tl.store(cos_weight_ptr + rows, cos_weight, mask=row_in)
+            positive_cols = global_rows
+        positive_value = tl.load(positive_value_ptr + r, mask=r_in, other=0.0)
+        weights = tl.where(c[None, :] == positive_cols[:, None], positive_value[:, None], weights)
+    valid = r_in[:, None] & c_in[None, :]
+    if EXCLUDE:
+        valid = valid & ((c[None, :] % exclude_period) != global_rows[:, None])
+    weights = tl.where(valid, weights, 0.0)
+    out = w_ptr + r.to(tl.int64)[:, None] * stride_w + c[None, :]
+    tl.store(out, weights.to(w_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
 
 
 @dataclass(frozen=True)
@@ -205,16 +258,24 @@ SIMILARITY_CONFIGS = {
     # (kernel, bytes per input element) -> configuration. fp32 tiles hold twice the bytes per
     # element, so they take half the D chunk to stay clear of register spills on sm_90.
     ("forward", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
-    ("backward", 2): SimilarityConfig(block_rows=64, block_cols=64, block_d=64, num_warps=4, num_stages=2),
+    ("weights", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
     ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
-    ("backward", 4): SimilarityConfig(block_rows=64, block_cols=32, block_d=32, num_warps=4, num_stages=2),
+    ("weights", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
 }
 """Every configuration the launchers use; the ahead-of-time compile test builds them all."""
 
 ALIGNMENT = 16
-"""D and the row stride are made multiples of 16 elements (zero padding, see ``_Side``): Triton
-then knows every row starts 16-byte aligned and vectorizes the loads feeding the tensor cores;
-with a ragged D the kernels need more registers than sm_90 has and spill."""
+"""D and the row stride are made multiples of 16 elements and the base address 16-byte aligned
+(zero padding or a copy, see ``_Side``): Triton then knows every row starts aligned and
+vectorizes the loads feeding the tensor cores; with a ragged D the kernels need more registers
+than sm_90 has and spill."""
+
+TARGET_WAVES = 2
+"""Forward programs per SM the key-range split aims for (two CTAs of the forward fit an SM)."""
+
+MIN_KEY_BLOCKS_PER_SPLIT = 4
+"""A key range holds at least this many key blocks: fewer would spend more on the merge and the
+query-block loads than on the products."""
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -224,335 +285,604 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
+@functools.cache
+def _sm_count(device_index: int | None) -> int:
+    if device_index is None:
+        return 132  # the H100 SXM: the interpreter's launches are sized as for the GPU they model
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _sm_count(None)
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_mm_has_fp32_output() -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for half CUDA operands (PyTorch
+    2.8 and later): the GEMM then accumulates and returns fp32 without a rounding of its result."""
+    try:
+        probe = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+        torch.mm(probe, probe.T, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError) as error:
+        warnings.warn(
+            f"torch.mm(..., out_dtype=torch.float32) is unavailable ({error}); the loss backward "
+            "runs its products in fp32 instead (slower; PyTorch >= 2.8 avoids this)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+    return True
+
+
+def _matmul_fp32(a: Tensor, b: Tensor) -> Tensor:
+    """``a @ b`` accumulated and returned in fp32 for operands in the inputs' dtype: on a GPU the
+    half-precision tensor-core GEMM with an fp32 result, elsewhere the same values upcast."""
+    if a.dtype == b.dtype == torch.float32:
+        return a @ b
+    if a.is_cuda and a.dtype == b.dtype and _cuda_mm_has_fp32_output():
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()
+
+
 def inverse_norms(x: Tensor) -> Tensor:
     """``1 / max(|x_i|, eps)`` per row, fp32, shape (rows,)."""
     return torch.linalg.vector_norm(x, dim=1, dtype=torch.float32).clamp_min(NORM_EPS).reciprocal()
 
 
-# Each implementation provides two functions over row-contiguous inputs, their fp32 inverse
-# norms and a 1-element fp32 scale:
-#   forward(q, k, inv_q, inv_k, scale, exclude_diagonal) -> lse (N,)
-#   backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v) -> R, C  (fp32)
-# The backward adds U and V into the caller's fp32 buffers u (N, D) and v (M, D), so that the
-# passes of one op share a single (N + M) x D accumulator instead of each allocating its own.
-
-
-def _triton_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
-    n_queries, dim = q.shape
-    lse = torch.empty(n_queries, dtype=torch.float32, device=q.device)
-    if n_queries == 0:
-        return lse
-    config = SIMILARITY_CONFIGS["forward", q.element_size()]
-    _similarity_lse_forward_kernel[(triton.cdiv(n_queries, config.block_rows),)](
-        q, k, inv_q, inv_k, scale, lse, n_queries, k.shape[0], dim, q.stride(0), k.stride(0),
-        EXCLUDE_DIAGONAL=exclude_diagonal, BLOCK_N=config.block_rows, BLOCK_M=config.block_cols,
-        BLOCK_D=config.block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return lse
-
-
-def _triton_backward_pass(
-    rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, rows_are_queries, exclude_diagonal, grad_acc
-):
-    n_rows, dim = rows.shape
-    cos_weight = torch.zeros(n_rows, dtype=torch.float32, device=rows.device)
-    if n_rows == 0:
-        return cos_weight
-    config = SIMILARITY_CONFIGS["backward", rows.element_size()]
-    _similarity_lse_backward_kernel[(triton.cdiv(n_rows, config.block_rows),)](
-        rows, cols, inv_rows, inv_cols, scale, lse, grad_lse, grad_acc, cos_weight,
-        n_rows, cols.shape[0], dim, rows.stride(0), cols.stride(0),
-        ROWS_ARE_QUERIES=rows_are_queries, EXCLUDE_DIAGONAL=exclude_diagonal,
-        BLOCK_R=config.block_rows, BLOCK_C=config.block_cols, BLOCK_D=config.block_d,
-        DOT_PRECISION=_dot_precision(rows.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    return cos_weight
-
-
-def _triton_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v):
-    r = _triton_backward_pass(q, k, inv_q, inv_k, scale, lse, grad_lse, True, exclude_diagonal, u)
-    c = _triton_backward_pass(k, q, inv_k, inv_q, scale, lse, grad_lse, False, exclude_diagonal, v)
-    return r, c
-
-
-CHUNK_ELEMENTS = 1 << 21
-"""Logit elements per chunk of the torch path (8 MiB in fp32): a few such temporaries are the
-whole extra memory beyond O((N + M) D)."""
-
-
-def _chunks(n_queries: int, n_keys: int):
-    step = max(1, CHUNK_ELEMENTS // max(n_keys, 1))
-    return ((start, min(start + step, n_queries)) for start in range(0, n_queries, step))
-
-
-def _chunk_cos_and_logits(q_unit, k_unit, start, scale, exclude_diagonal):
-    """``(cos, logits)`` of unit query rows ``start : start + len(q_unit)`` against all keys."""
-    cos = q_unit @ k_unit.T
-    logits = scale * cos
-    if exclude_diagonal:
-        rows = torch.arange(q_unit.shape[0], device=q_unit.device)
-        logits[rows, rows + start] = float("-inf")
-    return cos, logits
-
-
-def _torch_forward(q, k, inv_q, inv_k, scale, exclude_diagonal):
-    q_unit, k_unit = q.float() * inv_q[:, None], k.float() * inv_k[:, None]
-    lse = torch.empty(q.shape[0], dtype=torch.float32, device=q.device)
-    for start, stop in _chunks(q.shape[0], k.shape[0]):
-        _, logits = _chunk_cos_and_logits(q_unit[start:stop], k_unit, start, scale, exclude_diagonal)
-        lse[start:stop] = torch.logsumexp(logits, dim=1)
-    return lse
-
-
-def _torch_backward(q, k, inv_q, inv_k, scale, lse, grad_lse, exclude_diagonal, u, v):
-    q_unit, k_unit = q.float() * inv_q[:, None], k.float() * inv_k[:, None]
-    r = torch.zeros(q.shape[0], dtype=torch.float32, device=q.device)
-    c = torch.zeros(k.shape[0], dtype=torch.float32, device=q.device)
-    for start, stop in _chunks(q.shape[0], k.shape[0]):
-        cos, logits = _chunk_cos_and_logits(q_unit[start:stop], k_unit, start, scale, exclude_diagonal)
-        grad_logits = logits.sub_(lse[start:stop, None]).exp_().mul_(grad_lse[start:stop, None])
-        if exclude_diagonal:
-            # Explicit zeros: a row whose only term is excluded has lse = -inf, and exp(nan).
-            rows = torch.arange(stop - start, device=q.device)
-            grad_logits[rows, rows + start] = 0.0
-        u[start:stop] += grad_logits @ k_unit
-        v += grad_logits.T @ q_unit[start:stop]
-        weighted_cos = cos.mul_(grad_logits)
-        r[start:stop] = weighted_cos.sum(dim=1)
-        c += weighted_cos.sum(dim=0)
-    return r, c
-
-
-IMPLEMENTATIONS = {"triton": (_triton_forward, _triton_backward), "torch": (_torch_forward, _torch_backward)}
-
-
-def _normalization_backward(
-    x: Tensor, inv_norm: Tensor, weighted_sum: Tensor, cos_weight: Tensor, scale: Tensor
-):
-    """``dx_i = s a_i (W_i - [|x_i| > eps] a_i c_i x_i)`` in fp32, cast once to ``x.dtype``: the
-    gradient through ``x / max(|x|, eps)`` from ``W`` (U or V) and ``c`` (R or C)."""
-    radial = torch.where(inv_norm < 1.0 / NORM_EPS, inv_norm * cos_weight, torch.zeros_like(cos_weight))
-    grad = scale * inv_norm[:, None] * (weighted_sum - radial[:, None] * x.float())
-    return grad.to(x.dtype)
-
-
 class _Side:
-    """One input matrix with its inverse norms, fp32 gradient accumulators (W, c) and the
-    contributions of every pass it takes part in, summed in fp32 before one final cast."""
+    """One input matrix: aligned (padded) copy if needed, inverse norms, its unit rows in the
+    input dtype (the GEMM operand) and the fp32 accumulator ``U`` of its gradient."""
 
     def __init__(self, x: Tensor):
         self.dim = x.shape[1]
         padding = -self.dim % ALIGNMENT
-        if padding or x.stride(1) != 1 or x.stride(0) % ALIGNMENT:
+        aligned = x.stride(1) == 1 and x.stride(0) % ALIGNMENT == 0 and x.data_ptr() % 16 == 0
+        if padding or not aligned:
             # One O(rows x D) copy; zero columns change neither dot products nor norms.
-            x = F.pad(x, (0, padding))
+            padded = x.new_zeros((x.shape[0], self.dim + padding))
+            padded[:, : self.dim] = x
+            x = padded
         self.x = x
-        self.inv_norm = inverse_norms(self.x)
+        self.rows = x.shape[0]
+        self.inv_norm = inverse_norms(x)
+        # CPU GEMMs take fp32 copies of half operands (same values, fp32 accumulation); a GPU
+        # multiplies the half operands themselves.
+        self._upcast = x.dtype != torch.float32 and not x.is_cuda
+
+    def _operand(self, tensor: Tensor) -> Tensor:
+        return tensor.float() if self._upcast else tensor
 
     @functools.cached_property
-    def weighted_sum(self) -> Tensor:
+    def dot_operand(self) -> Tensor:
+        """The raw rows as a GEMM operand for the cosines (torch path)."""
+        return self._operand(self.x)
+
+    @functools.cached_property
+    def unit(self) -> Tensor:
+        """``x_i a_i`` rounded once to the input dtype: the operand of the backward GEMMs."""
+        return self._operand((self.x.float() * self.inv_norm[:, None]).to(self.x.dtype))
+
+    @functools.cached_property
+    def grad_acc(self) -> Tensor:
         return torch.zeros(self.x.shape, dtype=torch.float32, device=self.x.device)
 
-    @functools.cached_property
-    def cos_weight(self) -> Tensor:
-        return torch.zeros(self.x.shape[0], dtype=torch.float32, device=self.x.device)
+    def cosines(self, rows: slice, other: _Side, n_cols: int) -> Tensor:
+        """``cos(x[rows], other.x[:n_cols])`` in fp32 from the raw inputs (torch path)."""
+        dots = _matmul_fp32(self.dot_operand[rows], other.dot_operand[:n_cols].T)
+        return dots.mul_(self.inv_norm[rows, None]).mul_(other.inv_norm[None, :n_cols])
 
-    def rows(self, stop: int) -> tuple[Tensor, Tensor]:
-        return self.x[:stop], self.inv_norm[:stop]
-
-    def unit_rows(self, index: Tensor | None, count: int) -> Tensor:
-        """Rows ``index`` (or the first ``count``) divided by their clamped norms, fp32."""
-        if index is None:
-            return self.x[:count].float() * self.inv_norm[:count, None]
-        return self.x.index_select(0, index).float() * self.inv_norm.index_select(0, index)[:, None]
-
-    def gradient(self, scale: Tensor) -> Tensor:
-        grad = _normalization_backward(self.x, self.inv_norm, self.weighted_sum, self.cos_weight, scale)
-        return grad[:, : self.dim]
+    def gradient(self, factor: Tensor) -> tuple[Tensor, Tensor]:
+        """``(dx, sum_i <x^_i, U_i>)``: the gradient through ``x / max(|x|, eps)`` from the
+        accumulated ``U`` (times ``factor = s g_max``), cast once to ``x.dtype``."""
+        unit = self.x.float() * self.inv_norm[:, None]
+        radial = (unit * self.grad_acc).sum(dim=1)
+        # A norm below eps is clamped: the unit vector is then x / eps, with no radial term.
+        projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
+        grad = factor * self.inv_norm[:, None] * (self.grad_acc - projected[:, None] * unit)
+        return grad[:, : self.dim].to(self.x.dtype), radial.sum()
 
 
-def _lse_forward(queries: _Side, keys: _Side, n_queries: int, scale, exclude_diagonal, implementation):
-    """Log-sum-exp of the first ``n_queries`` rows of ``queries`` against all ``keys``."""
-    q, inv_q = queries.rows(n_queries)
-    return IMPLEMENTATIONS[implementation][0](q, keys.x, inv_q, keys.inv_norm, scale, exclude_diagonal)
+def _exclusion_mask(global_rows: Tensor, n_cols: int, period: int) -> Tensor:
+    cols = torch.arange(n_cols, device=global_rows.device)
+    return (cols % period)[None, :] == global_rows[:, None]
 
 
-def _lse_backward(
-    queries: _Side, keys: _Side, n_queries: int, scale, lse, grad_lse, exclude_diagonal, implementation
-):
-    """Add one log-sum-exp's gradient (first ``n_queries`` rows of ``queries`` against all
-    ``keys``) to both sides' accumulators; returns its share of ``d scale`` (sum of R)."""
-    backward = IMPLEMENTATIONS[implementation][1]
-    q, inv_q = queries.rows(n_queries)
-    r, c = backward(
-        q, keys.x, inv_q, keys.inv_norm, scale, lse, grad_lse.float().contiguous(), exclude_diagonal,
-        queries.weighted_sum[:n_queries], keys.weighted_sum,
+def _budget_rows(budget: int, bytes_per_row: int, n_rows: int) -> int:
+    return max(1, min(n_rows, budget // max(bytes_per_row, 1)))
+
+
+# Forward: row log-sum-exps of one direction, rows[:n_rows] against cols[:n_cols].
+
+
+def _merge_partials(partial_shift: Tensor, partial_sum: Tensor) -> Tensor:
+    """``ln 2 (m + log2 sum_k sum_k 2 ** (shift_k - m))``, ``m = max_k shift_k``, over the splits
+    ``k`` (dim 0), in a fixed order."""
+    top = partial_shift.amax(dim=0)
+    top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
+    total = (partial_sum * torch.exp2(partial_shift - top)).sum(dim=0)
+    return (top + torch.log2(total)) * _LN2
+
+
+def _triton_row_lse(rows, n_rows, cols, n_cols, period, positive, scale):
+    config = SIMILARITY_CONFIGS["forward", rows.x.element_size()]
+    row_blocks = triton.cdiv(n_rows, config.block_rows)
+    col_blocks = triton.cdiv(n_cols, config.block_cols)
+    wanted = triton.cdiv(TARGET_WAVES * _device_sm_count(rows.x.device), row_blocks)
+    splits = max(1, min(wanted, col_blocks // MIN_KEY_BLOCKS_PER_SPLIT))
+    blocks_per_split = max(1, triton.cdiv(col_blocks, splits))
+    splits = max(1, triton.cdiv(col_blocks, blocks_per_split))
+    partials = torch.empty((3, splits, n_rows), dtype=torch.float32, device=rows.x.device)
+    mode, labels = positive
+    _lse_partial_kernel[(row_blocks, splits)](
+        rows.x, cols.x, rows.inv_norm, cols.inv_norm, scale, rows.inv_norm if labels is None else labels,
+        partials[0], partials[1], partials[2],
+        n_rows, n_cols, blocks_per_split * config.block_cols, rows.x.shape[1], rows.x.stride(0),
+        cols.x.stride(0), max(period, 1),
+        EXCLUDE=period > 0, POSITIVE=mode, BLOCK_N=config.block_rows, BLOCK_M=config.block_cols,
+        BLOCK_D=config.block_d, DOT_PRECISION=_dot_precision(rows.x.dtype), num_warps=config.num_warps,
+        num_stages=config.num_stages,
     )  # fmt: skip
-    queries.cos_weight[:n_queries] += r
-    keys.cos_weight += c
-    return r.sum()
+    lse = _merge_partials(partials[0], partials[1])
+    return lse, (_merge_partials(partials[0], partials[2]) if mode else None)
+
+
+def _positive_columns(mode: int, labels: Tensor | None, start: int, stop: int, first_row: int, device):
+    """Column of the positive of rows ``start:stop``, shape (rows, 1): the row's global index
+    ``first_row + r`` (mode 1) or its label (mode 2)."""
+    if mode == 2:
+        return labels[start:stop, None]
+    return torch.arange(first_row + start, first_row + stop, device=device)[:, None]
+
+
+def _torch_row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, cache):
+    mode, labels = positive
+    lse = torch.empty(n_rows, dtype=torch.float32, device=rows.x.device)
+    negative_lse = torch.empty_like(lse) if mode else None
+    step = n_rows if cache is not None else _budget_rows(budget, 12 * n_cols, n_rows)
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        cos = rows.cosines(slice(start, stop), cols, n_cols)
+        if cache is not None:
+            cache.view(n_rows, n_cols)[start:stop] = cos
+        logits = cos.mul_(scale)
+        if period:
+            global_rows = torch.arange(start, stop, device=lse.device)
+            logits.masked_fill_(_exclusion_mask(global_rows, n_cols, period), float("-inf"))
+        lse[start:stop] = torch.logsumexp(logits, dim=1)
+        if mode:
+            columns = _positive_columns(mode, labels, start, stop, 0, lse.device)
+            negative_lse[start:stop] = torch.logsumexp(logits.scatter_(1, columns, float("-inf")), dim=1)
+    return lse, negative_lse
+
+
+def _row_lse(rows, n_rows, cols, n_cols, period, positive, scale, implementation, budget, cache):
+    """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``;
+    ``positive = (mode, labels)``, mode 0 (none), 1 (column = row) or 2 (column = label)."""
+    if n_rows == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=rows.x.device)
+        return empty, (empty if positive[0] else None)
+    if implementation == "triton":
+        return _triton_row_lse(rows, n_rows, cols, n_cols, period, positive, scale)
+    return _torch_row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, cache)
+
+
+# Backward: blocks of W, each a rectangle of logits with the loss terms it carries.
+
+
+@dataclass
+class _Block:
+    """Logits of ``rows.x[row_start : row_start + n_rows]`` against ``cols.x[:n_cols]`` and the
+    terms of ``W`` they carry (see ``_gradient_weights_kernel``): row terms (lse, weight) indexed
+    by block row, column terms for the first ``n_col_terms`` columns, each row's positive value
+    (at column ``labels[r]``, or the row's global index), columns left out (``exclude_period``)."""
+
+    rows: _Side
+    row_start: int
+    n_rows: int
+    cols: _Side
+    n_cols: int
+    row_lse: Tensor | None = None
+    row_weight: Tensor | None = None
+    col_lse: Tensor | None = None
+    col_weight: Tensor | None = None
+    positive_value: Tensor | None = None
+    labels: Tensor | None = None
+    exclude_period: int = 0
+    cached_cos: Tensor | None = None
+
+    @property
+    def n_col_terms(self) -> int:
+        return 0 if self.col_lse is None else self.col_lse.shape[0]
+
+    @property
+    def positive_mode(self) -> int:
+        if self.positive_value is None:
+            return 0
+        return 1 if self.labels is None else 2
+
+
+def _triton_weights(block: _Block, start: int, stop: int, scale: Tensor, out: Tensor) -> Tensor:
+    config = SIMILARITY_CONFIGS["weights", block.rows.x.element_size()]
+    n_rows = stop - start
+    weights = out[: n_rows * block.n_cols].view(n_rows, block.n_cols)
+    x = block.rows.x[block.row_start + start :]
+    inv_x = block.rows.inv_norm[block.row_start + start :]
+
+    def rows_of(tensor):  # an unused pointer argument takes any tensor
+        return inv_x if tensor is None else tensor[start:stop]
+
+    grid = (triton.cdiv(n_rows, config.block_rows), triton.cdiv(block.n_cols, config.block_cols))
+    _gradient_weights_kernel[grid](
+        x, block.cols.x, inv_x, block.cols.inv_norm, scale,
+        rows_of(block.row_lse), rows_of(block.row_weight),
+        inv_x if block.col_lse is None else block.col_lse,
+        inv_x if block.col_weight is None else block.col_weight,
+        rows_of(block.positive_value), rows_of(block.labels), weights,
+        n_rows, block.n_cols, block.n_col_terms, x.shape[1], x.stride(0), block.cols.x.stride(0),
+        weights.stride(0), block.row_start + start, max(block.exclude_period, 1),
+        ROW_TERMS=block.row_lse is not None, COL_TERMS=block.col_lse is not None,
+        POSITIVE=block.positive_mode, EXCLUDE=block.exclude_period > 0,
+        BLOCK_R=config.block_rows, BLOCK_C=config.block_cols, BLOCK_D=config.block_d,
+        DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return weights
+
+
+def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor) -> Tensor:
+    """The same ``W`` as ``_gradient_weights_kernel``, in PyTorch ops."""
+    rows = slice(block.row_start + start, block.row_start + stop)
+    if block.cached_cos is not None:
+        cos = block.cached_cos[start:stop]
+    else:
+        cos = block.rows.cosines(rows, block.cols, block.n_cols)
+    logits = scale * cos
+    weights = torch.zeros_like(logits)
+    if block.row_lse is not None:
+        weights.addcmul_(block.row_weight[start:stop, None], (logits - block.row_lse[start:stop, None]).exp_())
+    if block.col_lse is not None:
+        n_terms = block.n_col_terms
+        col_terms = (logits[:, :n_terms] - block.col_lse[None, :]).exp_()
+        weights[:, :n_terms].addcmul_(block.col_weight[None, :], col_terms)
+    if block.positive_mode:
+        columns = _positive_columns(block.positive_mode, block.labels, start, stop, block.row_start, cos.device)
+        weights.scatter_(1, columns, block.positive_value[start:stop, None])
+    if block.exclude_period:
+        global_rows = torch.arange(rows.start, rows.stop, device=cos.device)
+        weights.masked_fill_(_exclusion_mask(global_rows, block.n_cols, block.exclude_period), 0.0)
+    return weights.to(block.rows.x.dtype)
+
+
+def _accumulate_block(block: _Block, scale: Tensor, implementation: str, budget: int) -> None:
+    """``U_rows += W @ unit(cols)`` and ``U_cols += W^T @ unit(rows)``, a chunk of rows at a time."""
+    if block.n_rows == 0 or block.n_cols == 0:
+        return
+    element = block.rows.x.element_size()
+    temporaries = 0 if implementation == "triton" else 16  # fp32 cosines, logits, exponentials
+    step = _budget_rows(budget, block.n_cols * (element + temporaries), block.n_rows)
+    buffer = None
+    if implementation == "triton":
+        buffer = block.rows.x.new_empty(step * block.n_cols)
+    cols_unit = block.cols.unit[: block.n_cols]
+    for start in range(0, block.n_rows, step):
+        stop = min(start + step, block.n_rows)
+        if implementation == "triton":
+            weights = _triton_weights(block, start, stop, scale, buffer)
+        else:
+            weights = _torch_weights(block, start, stop, scale)
+        rows = slice(block.row_start + start, block.row_start + stop)
+        block.rows.grad_acc[rows] += _matmul_fp32(weights, cols_unit)
+        block.cols.grad_acc[: block.n_cols] += _matmul_fp32(weights.T, block.rows.unit[rows])
+
+
+# The op: forward log-sum-exps, loss, and the backward through the blocks of W.
+
+
+@dataclass(frozen=True)
+class _Direction:
+    name: str
+    rows_are_queries: bool
+    cols_are_queries: bool
+    exclude: bool
+    has_positive: bool
+
+
+def _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive) -> list[_Direction]:
+    """query_to_doc first; the positive pair (q_i, d_i) is a term of query_to_doc and of
+    doc_to_query."""
+    directions = [_Direction("query_to_doc", True, False, exclude_diagonal, with_positive)]
+    if query_to_query:
+        directions.append(_Direction("query_to_query", True, True, True, False))
+    if doc_to_query:
+        directions.append(_Direction("doc_to_query", False, True, False, with_positive))
+    if doc_to_doc:
+        directions.append(_Direction("doc_to_doc", False, False, True, False))
+    return directions
+
+
+def _direction_geometry(direction: _Direction, n_queries: int, n_docs: int) -> tuple[int, int]:
+    """``(n_cols, exclude_period)``: query_to_query excludes ``k == i``, doc_to_doc every column
+    ``j`` with ``j mod Nq == i`` (the positive's own position in each document column), and
+    query_to_doc with ``exclude_diagonal`` ``j == i`` (period Nd >= Nq)."""
+    n_cols = n_queries if direction.cols_are_queries else n_docs
+    if not direction.exclude:
+        return n_cols, 0
+    return n_cols, (n_docs if direction.name == "query_to_doc" else n_queries)
+
+
+def _cache_elements(n_local, n_queries, n_docs, directions, implementation, budget) -> int:
+    """Size of the cosines the torch path keeps from the forward: all directions or nothing."""
+    if implementation != "torch":
+        return 0
+    total = sum(n_local * _direction_geometry(d, n_queries, n_docs)[0] for d in directions)
+    return total if 4 * total <= budget else 0
+
+
+def _positive_cosines(q: _Side, d: _Side, n_local: int, labels: Tensor | None) -> Tensor:
+    """``cos(q_i, d_{label_i})`` in fp32 from the raw rows, as the kernels form cosines."""
+    if labels is None:
+        positives, inv_positives = d.x[:n_local], d.inv_norm[:n_local]
+    else:
+        positives, inv_positives = d.x.index_select(0, labels), d.inv_norm.index_select(0, labels)
+    dots = (q.x[:n_local].float() * positives.float()).sum(dim=1)
+    return dots * q.inv_norm[:n_local] * inv_positives
+
+
+def _split_stats(stats: Tensor, directions) -> tuple[Tensor, Tensor]:
+    """``(lse (#directions, n), lse without the positive (#directions with one, n))``."""
+    return stats[: len(directions)], stats[len(directions) :]
+
+
+def _negatives_lse(lse: Tensor, negative_lse: Tensor, directions) -> Tensor:
+    """Per direction, the log-sum-exp without the positive's term where it has one."""
+    rows, k = [], 0
+    for index, direction in enumerate(directions):
+        if direction.has_positive:
+            rows.append(negative_lse[k])
+            k += 1
+        else:
+            rows.append(lse[index])
+    return torch.stack(rows)
+
+
+def _positive_slots(directions) -> int:
+    return sum(direction.has_positive for direction in directions)
 
 
 def _scale32(scale: Tensor) -> Tensor:
     return scale.to(torch.float32).reshape(1)
 
 
-# torch.library ops: opaque to torch.compile (no graph break), fake kernels for tracing,
-# autograd formulas calling the backward ops.
-
-
-@torch.library.custom_op("simcse_fast::similarity_logsumexp", mutates_args=())
-def similarity_logsumexp_op(
-    queries: Tensor, keys: Tensor, scale: Tensor, exclude_diagonal: bool, implementation: str
-) -> Tensor:
-    """``lse[i] = logsumexp_j(scale * cos(q_i, k_j))``: ``(N, D), (M, D), () -> (N,)`` fp32, by
-    the ``"triton"`` or ``"torch"`` implementation; inputs already checked."""
-    q, k = _Side(queries), _Side(keys)
-    return _lse_forward(q, k, q.x.shape[0], _scale32(scale), exclude_diagonal, implementation)
-
-
-@similarity_logsumexp_op.register_fake
-def _similarity_logsumexp_fake(queries, keys, scale, exclude_diagonal, implementation):
-    return queries.new_empty((queries.shape[0],), dtype=torch.float32)
-
-
-@torch.library.custom_op("simcse_fast::similarity_logsumexp_backward", mutates_args=())
-def similarity_logsumexp_backward_op(
-    grad_lse: Tensor, queries: Tensor, keys: Tensor, scale: Tensor, lse: Tensor,
-    exclude_diagonal: bool, implementation: str,
+@torch.library.custom_op("simcse_fast::contrastive_loss", mutates_args=())
+def contrastive_loss_op(
+    queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None, n_local: int,
+    query_to_query: bool, doc_to_query: bool, doc_to_doc: bool, joint: bool, with_positive: bool,
+    exclude_diagonal: bool, implementation: str, budget: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of :func:`similarity_logsumexp_op` in queries, keys and scale."""
-    q, k, scale32 = _Side(queries), _Side(keys), _scale32(scale)
-    grad_scale = _lse_backward(q, k, q.x.shape[0], scale32, lse, grad_lse, exclude_diagonal, implementation)
-    return q.gradient(scale32), k.gradient(scale32), grad_scale.to(scale.dtype)
-
-
-@similarity_logsumexp_backward_op.register_fake
-def _similarity_logsumexp_backward_fake(
-    grad_lse, queries, keys, scale, lse, exclude_diagonal, implementation
-):
-    return torch.empty_like(queries), torch.empty_like(keys), torch.empty_like(scale)
-
-
-def _similarity_setup_context(ctx, inputs, output) -> None:
-    queries, keys, scale, exclude_diagonal, implementation = inputs
-    ctx.save_for_backward(queries, keys, scale, output)
-    ctx.exclude_diagonal = exclude_diagonal
-    ctx.implementation = implementation
-
-
-def _similarity_backward(ctx, grad_lse: Tensor):
-    queries, keys, scale, lse = ctx.saved_tensors
-    grads = similarity_logsumexp_backward_op(
-        grad_lse, queries, keys, scale, lse, ctx.exclude_diagonal, ctx.implementation
-    )
-    return *grads, None, None
-
-
-similarity_logsumexp_op.register_autograd(_similarity_backward, setup_context=_similarity_setup_context)
-
-
-# info_nce as one op, so that the gradients of its log-sum-exps and of its positive logits,
-# which nearly cancel for an easy positive, are summed in fp32 and rounded to the input dtype
-# once, as in the reference; composing public ops would round each term separately.
-
-
-def _unit_pairs(anchors: _Side, candidates: _Side, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Unit anchors, their unit positives (fp32, (N, D)) and the positive cosines (N,)."""
-    n = anchors.x.shape[0]
-    unit_anchors = anchors.unit_rows(None, n)
-    unit_positives = candidates.unit_rows(labels, n)
-    return unit_anchors, unit_positives, (unit_anchors * unit_positives).sum(dim=1)
-
-
-@torch.library.custom_op("simcse_fast::info_nce", mutates_args=())
-def info_nce_op(
-    anchors: Tensor,
-    candidates: Tensor,
-    scale: Tensor,
-    labels: Tensor | None,
-    symmetric: bool,
-    implementation: str,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Per-anchor InfoNCE loss ``(N,)`` fp32 and the log-sum-exps its backward reuses (forward
-    direction (N,), backward direction (N,) or empty): see ``simcse_fast.info_nce``."""
-    a, c, scale32 = _Side(anchors), _Side(candidates), _scale32(scale)
-    n = a.x.shape[0]
-    forward_lse = _lse_forward(a, c, n, scale32, False, implementation)
-    positive_logits = scale32 * _unit_pairs(a, c, labels)[2]
-    if not symmetric:
-        return forward_lse - positive_logits, forward_lse, forward_lse.new_empty(0)
-    backward_lse = _lse_forward(c, a, n, scale32, False, implementation)
-    return (forward_lse + backward_lse) / 2 - positive_logits, forward_lse, backward_lse
-
-
-@info_nce_op.register_fake
-def _info_nce_fake(anchors, candidates, scale, labels, symmetric, implementation):
-    n = anchors.shape[0]
-    vector = anchors.new_empty((n,), dtype=torch.float32)
-    return vector, torch.empty_like(vector), anchors.new_empty((n if symmetric else 0,), dtype=torch.float32)
-
-
-@torch.library.custom_op("simcse_fast::info_nce_backward", mutates_args=())
-def info_nce_backward_op(
-    grad_loss: Tensor, anchors: Tensor, candidates: Tensor, scale: Tensor, labels: Tensor | None,
-    forward_lse: Tensor, backward_lse: Tensor, symmetric: bool, implementation: str,
-) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of :func:`info_nce_op`'s per-anchor loss in anchors, candidates and scale."""
-    a, c, scale32 = _Side(anchors), _Side(candidates), _scale32(scale)
-    n = a.x.shape[0]
-    grad_loss = grad_loss.float()
-    lse_weight = grad_loss / 2 if symmetric else grad_loss
-    grad_scale = _lse_backward(a, c, n, scale32, forward_lse, lse_weight, False, implementation)
-    if symmetric:
-        grad_scale = grad_scale + _lse_backward(
-            c, a, n, scale32, backward_lse, lse_weight, False, implementation
+    """Per-row loss ``(n_local,)`` fp32 (module docstring); the row statistics the backward
+    reuses, ``(#directions + #directions with a positive, n_local)`` fp32 (each direction's
+    log-sum-exp, then the log-sum-exp without the positive); the cosines the torch path keeps
+    for the backward (flat fp32, empty unless they fit ``budget`` bytes). Inputs already
+    checked; ``implementation`` is ``"triton"`` or ``"torch"``."""
+    q, d, scale32 = _Side(queries), _Side(docs), _scale32(scale)
+    directions = _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    cache = torch.empty(
+        _cache_elements(n_local, q.rows, d.rows, directions, implementation, budget),
+        dtype=torch.float32, device=queries.device,
+    )  # fmt: skip
+    lses, negative_lses, offset = [], [], 0
+    for direction in directions:
+        n_cols, period = _direction_geometry(direction, q.rows, d.rows)
+        piece = cache[offset : offset + n_local * n_cols] if cache.numel() else None
+        offset += n_local * n_cols
+        rows, cols = (q if direction.rows_are_queries else d), (q if direction.cols_are_queries else d)
+        positive = (0, None)
+        if direction.has_positive:
+            positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
+        lse, negative_lse = _row_lse(
+            rows, n_local, cols, n_cols, period, positive, scale32, implementation, budget, piece
         )
-    # The positive logit s * cos(a_i, c_{l_i}) enters with weight -grad_loss_i.
-    unit_anchors, unit_positives, positive_cos = _unit_pairs(a, c, labels)
-    a.weighted_sum -= grad_loss[:, None] * unit_positives
-    a.cos_weight -= grad_loss * positive_cos
-    if labels is None:
-        c.weighted_sum[:n] -= grad_loss[:, None] * unit_anchors
-        c.cos_weight[:n] -= grad_loss * positive_cos
+        lses.append(lse)
+        if negative_lse is not None:
+            negative_lses.append(negative_lse)
+    lse = torch.stack(lses)
+    stats = torch.cat([lse, torch.stack(negative_lses)]) if negative_lses else lse
+    if not with_positive:
+        loss = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
+        return loss, stats, cache
+    # loss_i = log_z_i - l_ii from the log-sum-exp of the terms other than the positive's:
+    # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
+    # it to the cancellation of two numbers near |s|.
+    positive_logits = scale32 * _positive_cosines(q, d, n_local, labels)
+    negatives = _negatives_lse(lse, stats[len(directions) :], directions)
+    if joint:
+        excess = torch.logsumexp(negatives, dim=0) - positive_logits
+        loss = torch.logaddexp(excess, excess.new_tensor(math.log(_positive_slots(directions))))
     else:
-        c.weighted_sum.index_add_(0, labels, -grad_loss[:, None] * unit_anchors)
-        c.cos_weight.index_add_(0, labels, -grad_loss * positive_cos)
-    grad_scale = grad_scale - (grad_loss * positive_cos).sum()
-    return a.gradient(scale32), c.gradient(scale32), grad_scale.to(scale.dtype)
+        has_positive = torch.tensor([direction.has_positive for direction in directions], device=lse.device)
+        per_direction = torch.where(
+            has_positive[:, None],
+            F.softplus(negatives - positive_logits),
+            lse - positive_logits,
+        )
+        loss = per_direction.mean(dim=0)
+    return loss, stats, cache
 
 
-@info_nce_backward_op.register_fake
-def _info_nce_backward_fake(
-    grad_loss, anchors, candidates, scale, labels, forward_lse, backward_lse, symmetric, implementation
-):
-    return torch.empty_like(anchors), torch.empty_like(candidates), torch.empty_like(scale)
-
-
-def _info_nce_setup_context(ctx, inputs, output) -> None:
-    anchors, candidates, scale, labels, symmetric, implementation = inputs
-    _, forward_lse, backward_lse = output
-    ctx.save_for_backward(anchors, candidates, scale, labels, forward_lse, backward_lse)
-    ctx.symmetric = symmetric
-    ctx.implementation = implementation
-    ctx.mark_non_differentiable(forward_lse, backward_lse)
-
-
-def _info_nce_backward(ctx, grad_loss: Tensor, _grad_forward_lse, _grad_backward_lse):
-    anchors, candidates, scale, labels, forward_lse, backward_lse = ctx.saved_tensors
-    grads = info_nce_backward_op(
-        grad_loss,
-        anchors,
-        candidates,
-        scale,
-        labels,
-        forward_lse,
-        backward_lse,
-        ctx.symmetric,
-        ctx.implementation,
+@contrastive_loss_op.register_fake
+def _contrastive_loss_fake(
+    queries, docs, scale, labels, n_local, query_to_query, doc_to_query, doc_to_doc, joint,
+    with_positive, exclude_diagonal, implementation, budget,
+):  # fmt: skip
+    directions = _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    cached = _cache_elements(n_local, queries.shape[0], docs.shape[0], directions, implementation, budget)
+    n_stats = len(directions) + _positive_slots(directions)
+    return (
+        queries.new_empty((n_local,), dtype=torch.float32),
+        queries.new_empty((n_stats, n_local), dtype=torch.float32),
+        queries.new_empty((cached,), dtype=torch.float32),
     )
-    return *grads, None, None, None
 
 
-info_nce_op.register_autograd(_info_nce_backward, setup_context=_info_nce_setup_context)
+def _positive_values(lse, negative_lse, directions, scaled_grad, joint) -> Tensor:
+    """``W`` at each row's positive, in fp32 without cancellation. Joint: the positive logit
+    holds ``slots`` terms of one softmax, ``W = g (slots P - 1) = -g exp(lse_negatives - log_z)``.
+    Per direction: ``W = -(g / n) sum_k (1 - P_k) - g (1 - slots / n)`` with
+    ``1 - P_k = exp(lse_negatives_k - lse_k)``."""
+    negatives = _negatives_lse(lse, negative_lse, directions)
+    if joint:
+        return -scaled_grad * torch.exp(torch.logsumexp(negatives, dim=0) - torch.logsumexp(lse, dim=0))
+    n = len(directions)
+    complement = sum(
+        torch.exp(negatives[k] - lse[k]) for k, direction in enumerate(directions) if direction.has_positive
+    )
+    return -(scaled_grad / n) * complement - scaled_grad * (1 - _positive_slots(directions) / n)
+
+
+def _weight_scale(lse, negative_lse, directions, grad, joint) -> Tensor:
+    """A power of two (0-dim fp32 tensor) that brings the largest entry of ``W`` near 2**15:
+    half-precision weights then keep the 30 binades of fp16's normal range below it, whatever
+    the loss scale. Bound per row: ``|W_ij| <= sum over its softmaxes of |w| (1 - P_positive)``
+    (``1`` for a softmax without a positive) plus ``|W_positive|``; an entry carries a row
+    softmax and at most one column softmax, so ``|W| <= 2 max_i bound_i``."""
+    if grad.numel() == 0:
+        return grad.new_ones(())
+    magnitude = grad.abs()
+    negatives = _negatives_lse(lse, negative_lse, directions)
+    if joint:
+        complement = torch.exp(torch.logsumexp(negatives, dim=0) - torch.logsumexp(lse, dim=0))
+        bound = magnitude * len(directions) * complement
+    else:
+        complements = torch.exp(negatives - lse)
+        bound = magnitude / len(directions) * complements.sum(dim=0)
+    bound = bound + magnitude * 2
+    largest = bound.amax()
+    exponent = torch.floor(torch.log2(2.0**14 / largest)).clamp(-126.0, 126.0)
+    # A zero or non-finite bound (zero upstream gradient; NaN in, NaN out) keeps scale 1.
+    return torch.where(largest.isfinite() & (largest > 0), torch.exp2(exponent), torch.ones_like(largest))
+
+
+def _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint) -> list[_Block]:
+    """The blocks of ``W``. doc_to_query's softmax over queries ``k`` for document ``i`` sits in
+    column ``i`` of the query_to_doc rectangle (rows ``k < n``) and of the rectangle of gathered
+    queries ``k >= n`` against ``d[:n]``: each positive's whole weight is formed in one place."""
+    lse, negative_lse = _split_stats(stats, directions)
+    if joint:
+        log_z = torch.logsumexp(lse, dim=0)
+        terms = {direction.name: (log_z, scaled_grad) for direction in directions}
+    else:
+        per_direction = scaled_grad / len(directions)
+        terms = {direction.name: (lse[k], per_direction) for k, direction in enumerate(directions)}
+    cached, offset = {}, 0
+    for direction in directions:
+        n_cols, _ = _direction_geometry(direction, q.rows, d.rows)
+        if cache.numel():
+            cached[direction.name] = cache[offset : offset + n_local * n_cols].view(n_local, n_cols)
+        offset += n_local * n_cols
+    row_lse, row_weight = terms["query_to_doc"]
+    n_cols, period = _direction_geometry(directions[0], q.rows, d.rows)
+    positive_value = None
+    if directions[0].has_positive:
+        positive_value = _positive_values(lse, negative_lse, directions, scaled_grad, joint)
+    main = _Block(
+        q, 0, n_local, d, n_cols, row_lse, row_weight, exclude_period=period,
+        positive_value=positive_value, labels=labels, cached_cos=cached.get("query_to_doc"),
+    )  # fmt: skip
+    blocks = [main]
+    if "doc_to_query" in terms:
+        main.col_lse, main.col_weight = terms["doc_to_query"]
+        transposed = cached.get("doc_to_query")
+        blocks.append(
+            _Block(
+                q, n_local, q.rows - n_local, d, n_local, col_lse=main.col_lse, col_weight=main.col_weight,
+                cached_cos=None if transposed is None else transposed[:, n_local:].T,
+            )
+        )
+    for name, rows, cols in (("query_to_query", q, q), ("doc_to_doc", d, d)):
+        if name in terms:
+            block_lse, block_weight = terms[name]
+            blocks.append(
+                _Block(
+                    rows, 0, n_local, cols, cols.rows, block_lse, block_weight,
+                    exclude_period=q.rows, cached_cos=cached.get(name),
+                )  # fmt: skip
+            )
+    return blocks
+
+
+@torch.library.custom_op("simcse_fast::contrastive_loss_backward", mutates_args=())
+def contrastive_loss_backward_op(
+    grad_loss: Tensor, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None,
+    stats: Tensor, cache: Tensor, n_local: int, query_to_query: bool, doc_to_query: bool,
+    doc_to_doc: bool, joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str,
+    budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of :func:`contrastive_loss_op`'s per-row loss in queries, docs and scale."""
+    q, d, scale32 = _Side(queries), _Side(docs), _scale32(scale)
+    directions = _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    lse, negative_lse = _split_stats(stats, directions)
+    grad = grad_loss.float()
+    weight_scale = _weight_scale(lse, negative_lse, directions, grad, joint)
+    scaled_grad = (grad * weight_scale).contiguous()
+    for block in _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint):
+        _accumulate_block(block, scale32, implementation, budget)
+    factor = scale32 / weight_scale
+    grad_queries, radial_queries = q.gradient(factor)
+    grad_docs, radial_docs = d.gradient(factor)
+    grad_scale = (radial_queries + radial_docs) / (2 * weight_scale)
+    return grad_queries, grad_docs, grad_scale.reshape(scale.shape).to(scale.dtype)
+
+
+@contrastive_loss_backward_op.register_fake
+def _contrastive_loss_backward_fake(grad_loss, queries, docs, scale, *_args):
+    return torch.empty_like(queries), torch.empty_like(docs), torch.empty_like(scale)
+
+
+_FLAGS = (
+    "n_local", "query_to_query", "doc_to_query", "doc_to_doc", "joint", "with_positive",
+    "exclude_diagonal", "implementation", "budget",
+)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    queries, docs, scale, labels, *flags = inputs
+    _, stats, cache = output
+    ctx.save_for_backward(queries, docs, scale, labels, stats, cache)
+    ctx.flags = dict(zip(_FLAGS, flags, strict=True))
+    ctx.mark_non_differentiable(stats, cache)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_cache):
+    queries, docs, scale, labels, stats, cache = ctx.saved_tensors
+    flags = ctx.flags
+    grads = contrastive_loss_backward_op(
+        grad_loss, queries, docs, scale, labels, stats, cache, flags["n_local"], flags["query_to_query"],
+        flags["doc_to_query"], flags["doc_to_doc"], flags["joint"], flags["with_positive"],
+        flags["exclude_diagonal"], flags["implementation"], flags["budget"],
+    )  # fmt: skip
+    return *grads, None, None, None, None, None, None, None, None, None, None
+
+
+contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def memory_budget(chunk_mb, n_queries: int, n_docs: int, dim: int) -> int:
+    """Bytes of N x M intermediates one call may hold: ``chunk_mb`` MiB if given, else
+    ``SIMCSE_FAST_LOSS_CHUNK_MB``, else the size of the fp32 gradient buffers,
+    ``4 (Nq + Nd) D``, and at least ``DEFAULT_BUDGET_FLOOR``. Raises ``ValueError`` for a value
+    that is not a positive number."""
+    source = "chunk_mb"
+    if chunk_mb is None and os.environ.get(CHUNK_ENV_VAR, "").strip():
+        source, chunk_mb = f"environment variable {CHUNK_ENV_VAR}", os.environ[CHUNK_ENV_VAR].strip()
+        try:
+            chunk_mb = float(chunk_mb)
+        except ValueError:
+            raise ValueError(f"{source} must be a positive number of MiB; got {chunk_mb!r}") from None
+    if chunk_mb is None:
+        return max(4 * (n_queries + n_docs) * dim, DEFAULT_BUDGET_FLOOR)
+    if isinstance(chunk_mb, bool) or not isinstance(chunk_mb, (int, float)):
+        raise TypeError(f"{source} must be a number of MiB, got {type(chunk_mb).__name__}")
+    if not chunk_mb > 0 or chunk_mb == float("inf"):
+        raise ValueError(f"{source} must be a positive, finite number of MiB; got {chunk_mb}")
+    return max(1, int(chunk_mb * (1 << 20)))

@@ -1,16 +1,15 @@
 """Drop-in replacements for sentence-transformers' in-batch-negatives losses.
 
 Each class subclasses its sentence-transformers namesake, takes exactly its constructor
-arguments and returns the same loss with the same gradients, computed from the row-wise
-log-sum-exp primitive ``simcse_fast.similarity_logsumexp``: no ``N x M`` similarity matrix is
-built. For queries ``q`` (the first column), documents ``d`` (positives, then any hard
+arguments and returns the same loss with the same gradients, computed by the fused op behind ``simcse_fast.functional.in_batch_negatives_loss``: no ``N x M`` similarity
+matrix is built. For queries ``q`` (the first column), documents ``d`` (positives, then any hard
 negatives) and ``s = scale``, the directions compose as
 
 * ``query_to_doc``: ``lse_j s cos(q_i, d_j)`` over all documents;
-* ``query_to_query``: ``lse_{k != i} s cos(q_i, q_k)`` (``exclude_diagonal``);
+* ``query_to_query``: ``lse_{k != i} s cos(q_i, q_k)``;
 * ``doc_to_query``: ``lse_k s cos(d_i, q_k)`` for each positive ``d_i``;
-* ``doc_to_doc``: ``lse`` over every document except query ``i``'s own ones: the log-sum-exp of
-  one ``exclude_diagonal`` term per document column;
+* ``doc_to_doc``: ``lse`` over every document except query ``i``'s own ones (one per document
+  column);
 
 ``partition_mode="joint"`` takes the log-sum-exp of the per-direction values (one softmax over
 all of them), ``"per_direction"`` their mean, and the loss is
@@ -28,11 +27,9 @@ import inspect
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .. import functional
-from ..similarity import NORM_EPS
 from ._compat import all_gather_with_grad, cos_sim, get_rank, st_losses
 
 __all__ = [
@@ -44,8 +41,8 @@ __all__ = [
 
 
 def _rotate_rows(x: Tensor, offset: int) -> Tensor:
-    """Rows ``offset..`` first: then row ``i`` of this device's block is row ``i`` of the
-    result, which is what ``exclude_diagonal`` excludes."""
+    """Rows ``offset..`` first: this process's block of a gathered tensor becomes its first
+    rows, the layout ``functional.in_batch_negatives_loss`` expects."""
     return x if offset == 0 else torch.cat([x[offset:], x[:offset]])
 
 
@@ -60,7 +57,8 @@ def fused_in_batch_negatives_loss(
 ) -> Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss from embeddings ``[queries (B, D),
     positives (B, D), negatives_1 (B, D), ...]`` without the similarity matrix (module
-    docstring for the formula)."""
+    docstring for the formula). All directions and both partition modes are one fused op, so
+    the gradient of each logit, the positive's included, is formed in fp32 before rounding."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
     queries, docs = embeddings[0], list(embeddings[1:])
@@ -70,29 +68,13 @@ def fused_in_batch_negatives_loss(
         queries = all_gather_with_grad(queries)
         docs = [all_gather_with_grad(doc) for doc in docs]
         offset = get_rank() * batch_size
-    local_queries = queries[offset : offset + batch_size]
-    local_docs = docs[0][offset : offset + batch_size]
-    docs_all = torch.cat(docs)
-
-    def lse(rows, keys, exclude_diagonal=False):
-        return functional.similarity_logsumexp(
-            rows, keys, scale=scale, exclude_diagonal=exclude_diagonal, backend=backend
-        )
-
-    per_direction = [lse(local_queries, docs_all)]
-    if "query_to_query" in directions:
-        per_direction.append(lse(local_queries, _rotate_rows(queries, offset), exclude_diagonal=True))
-    if "doc_to_query" in directions:
-        per_direction.append(lse(local_docs, queries))
-    if "doc_to_doc" in directions:
-        blocks = [lse(local_docs, _rotate_rows(doc, offset), exclude_diagonal=True) for doc in docs]
-        per_direction.append(torch.logsumexp(torch.stack(blocks), dim=0))
-    stacked = torch.stack(per_direction)
-    log_z = torch.logsumexp(stacked, dim=0) if partition_mode == "joint" else stacked.mean(dim=0)
-    unit_queries = F.normalize(local_queries.float(), dim=1, eps=NORM_EPS)
-    unit_docs = F.normalize(local_docs.float(), dim=1, eps=NORM_EPS)
-    positive = scale * (unit_queries * unit_docs).sum(dim=1)
-    return (log_z - positive).mean()
+    queries = _rotate_rows(queries, offset)
+    docs_all = torch.cat([_rotate_rows(doc, offset) for doc in docs])
+    per_query = functional.in_batch_negatives_loss(
+        queries, docs_all, n_local=batch_size, scale=scale, directions=tuple(directions),
+        partition_mode=partition_mode, backend=backend,
+    )  # fmt: skip
+    return per_query.mean()
 
 
 def _unfusable_reason(loss) -> str | None:
