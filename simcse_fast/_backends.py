@@ -7,6 +7,7 @@ An explicitly requested backend runs or raises ``ValueError`` saying why it cann
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -18,13 +19,13 @@ from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_INTERPRETER
 def _load_extension():
     """``(simcse_fast._C, None)`` or ``(None, why it is missing)``. A build that exists but
     does not load (e.g. built for another Python) warns once; a missing build is silent."""
-    try:
-        from . import _C
-    except ModuleNotFoundError:
+    if importlib.util.find_spec(f"{__package__}._C") is None:
         return None, (
             "the compiled extension simcse_fast._C is not built (reinstall with nvcc on PATH, or "
             "SIMCSE_FAST_BUILD_CUDA=1 to insist; see the README)"
         )
+    try:
+        from . import _C
     except ImportError as error:
         warnings.warn(f"simcse_fast._C is built but does not load: {error}", RuntimeWarning, stacklevel=2)
         return None, f"the compiled extension simcse_fast._C does not load ({error})"

@@ -190,7 +190,8 @@ def in_batch_negatives_loss(
     unknown = set(directions) - set(similarity.DIRECTIONS)
     if unknown or "query_to_doc" not in directions:
         raise ValueError(
-            f"directions must include 'query_to_doc' and come from {similarity.DIRECTIONS}; got {directions!r}"
+            f"directions must include 'query_to_doc' and come from {similarity.DIRECTIONS}; "
+            f"got {directions!r}"
         )
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")

@@ -540,13 +540,17 @@ def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor) -> Tenso
     logits = scale * cos
     weights = torch.zeros_like(logits)
     if block.row_lse is not None:
-        weights.addcmul_(block.row_weight[start:stop, None], (logits - block.row_lse[start:stop, None]).exp_())
+        weights.addcmul_(
+            block.row_weight[start:stop, None], (logits - block.row_lse[start:stop, None]).exp_()
+        )
     if block.col_lse is not None:
         n_terms = block.n_col_terms
         col_terms = (logits[:, :n_terms] - block.col_lse[None, :]).exp_()
         weights[:, :n_terms].addcmul_(block.col_weight[None, :], col_terms)
     if block.positive_mode:
-        columns = _positive_columns(block.positive_mode, block.labels, start, stop, block.row_start, cos.device)
+        columns = _positive_columns(
+            block.positive_mode, block.labels, start, stop, block.row_start, cos.device
+        )
         weights.scatter_(1, columns, block.positive_value[start:stop, None])
     if block.exclude_period:
         global_rows = torch.arange(rows.start, rows.stop, device=cos.device)
@@ -588,7 +592,9 @@ class _Direction:
     has_positive: bool
 
 
-def _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive) -> list[_Direction]:
+def _directions(
+    query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive
+) -> list[_Direction]:
     """query_to_doc first; the positive pair (q_i, d_i) is a term of query_to_doc and of
     doc_to_query."""
     directions = [_Direction("query_to_doc", True, False, exclude_diagonal, with_positive)]
@@ -795,7 +801,13 @@ def _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint)
         transposed = cached.get("doc_to_query")
         blocks.append(
             _Block(
-                q, n_local, q.rows - n_local, d, n_local, col_lse=main.col_lse, col_weight=main.col_weight,
+                q,
+                n_local,
+                q.rows - n_local,
+                d,
+                n_local,
+                col_lse=main.col_lse,
+                col_weight=main.col_weight,
                 cached_cos=None if transposed is None else transposed[:, n_local:].T,
             )
         )
@@ -804,9 +816,16 @@ def _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint)
             block_lse, block_weight = terms[name]
             blocks.append(
                 _Block(
-                    rows, 0, n_local, cols, cols.rows, block_lse, block_weight,
-                    exclude_period=q.rows, cached_cos=cached.get(name),
-                )  # fmt: skip
+                    rows,
+                    0,
+                    n_local,
+                    cols,
+                    cols.rows,
+                    block_lse,
+                    block_weight,
+                    exclude_period=q.rows,
+                    cached_cos=cached.get(name),
+                )
             )
     return blocks
 

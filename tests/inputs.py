@@ -64,3 +64,39 @@ SENTENCES = [
     "a big cat ran on the road",
 ]
 """Sentences in the tiny BERT's vocabulary (conftest.tiny_bert_dir)."""
+
+
+EAGER_RULE_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+EAGER_RULE_QUANTILES = (0.5, 0.9, 1.0)
+
+
+def row_errors(actual: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """``|actual_i - truth_i| / |truth_i|`` per row of 2-D float64 tensors; rows whose truth is
+    exactly zero (a batch of one: the loss is constant) must come out exactly zero."""
+    norms = truth.norm(dim=1)
+    zero = norms == 0
+    assert torch.equal(actual[zero], torch.zeros_like(actual[zero])), "a zero gradient row came out non-zero"
+    return (actual[~zero] - truth[~zero]).norm(dim=1) / norms[~zero]
+
+
+def assert_within_eager(ours, eager, truth, dtype, loss_scale: float, what: str, names) -> None:
+    """Flash-attention's rule for each gradient (lists of 2-D float64 tensors, one row per
+    vector): at the median, 90th percentile and worst row, our row error against ``truth`` is at
+    most twice eager PyTorch's in ``dtype`` (or twice that of the correctly rounded truth, where
+    the gradient times ``loss_scale`` is not representable in ``dtype``) plus a small atol."""
+    for name, got, baseline, true in zip(names, ours, eager, truth, strict=True):
+        rounded = (true * loss_scale).to(dtype).double() / loss_scale
+        errors, eager_errors, floor = (
+            row_errors(got, true),
+            row_errors(baseline, true),
+            row_errors(rounded, true),
+        )
+        if errors.numel() == 0:
+            continue
+        for q in EAGER_RULE_QUANTILES:
+            ours_q, eager_q, floor_q = (torch.quantile(e, q).item() for e in (errors, eager_errors, floor))
+            allowed = 2 * max(eager_q, floor_q) + EAGER_RULE_ATOL[dtype]
+            assert ours_q <= allowed, (
+                f"{what} d{name}: row error quantile {q} is {ours_q:.3g} > {allowed:.3g} "
+                f"(eager {eager_q:.3g}, correctly rounded {floor_q:.3g})"
+            )

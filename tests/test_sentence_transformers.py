@@ -12,7 +12,7 @@ import torch
 pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
 
-from inputs import SENTENCES  # noqa: E402
+from inputs import SENTENCES, assert_within_eager, cpu_backends  # noqa: E402
 from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -249,3 +249,75 @@ def test_trainer_trains_through_the_fused_loss(tiny_bert_dir, tmp_path):
     SentenceTransformerTrainer(model=model, args=arguments, train_dataset=train_dataset, loss=loss).train()
     changed = [not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
+
+
+def easy_columns(batch: int, dim: int, generator, n_columns: int = 3):
+    """Queries, positives ``query + 0.35 N(0, 1)`` (SimCSE's easy positives) and unrelated hard
+    negatives, float64."""
+    queries = torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    positives = queries + 0.35 * torch.randn(batch, dim, generator=generator, dtype=torch.float64)
+    negatives = [
+        torch.randn(batch, dim, generator=generator, dtype=torch.float64) for _ in range(n_columns - 2)
+    ]
+    return [queries, positives, *negatives]
+
+
+def scaled_grads(loss, columns, loss_scale):
+    leaves = [c.clone().requires_grad_() for c in columns]
+    (loss.compute_loss_from_embeddings(leaves, None) * loss_scale).backward()
+    return [leaf.grad.double() / loss_scale for leaf in leaves]
+
+
+PRECISION_CASES = [("torch", torch.bfloat16, 1.0), ("torch", torch.float16, 2.0**14)]
+if "triton" in cpu_backends():
+    PRECISION_CASES.append(("triton", torch.float16, 2.0**14))
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, loss_scale", PRECISION_CASES, ids=lambda v: str(v).removeprefix("torch.")
+)
+@pytest.mark.parametrize(
+    "options", OPTION_CASES, ids=lambda o: f"{'+'.join(o['directions'])}-{o['partition_mode']}"
+)
+def test_mnrl_half_precision_with_easy_positives(options, backend, dtype, loss_scale, generator, monkeypatch):
+    """Every direction and partition mode: the drop-in's half-precision gradients meet
+    flash-attention's rule against sentence-transformers' own loss in the same dtype."""
+    monkeypatch.setenv("SIMCSE_FAST_BACKEND", backend)
+    columns = easy_columns(256, 64, generator)
+    half = [column.to(dtype) for column in columns]
+    truth = scaled_grads(
+        st_losses.MultipleNegativesRankingLoss(None, **options), [c.to(dtype).double() for c in columns], 1.0
+    )
+    eager = scaled_grads(st_losses.MultipleNegativesRankingLoss(None, **options), half, loss_scale)
+    ours = scaled_grads(losses.MultipleNegativesRankingLoss(None, **options), half, loss_scale)
+    names = ("queries", "positives", "negatives")
+    assert_within_eager(ours, eager, truth, dtype, loss_scale, f"{backend} {dtype} {options}", names)
+
+
+@pytest.mark.parametrize(
+    "options", OPTION_CASES, ids=lambda o: f"{'+'.join(o['directions'])}-{o['partition_mode']}"
+)
+def test_gathered_negatives_match_sentence_transformers(options, generator, monkeypatch):
+    """Rank 1 of 3 with the other ranks' embeddings stubbed in (a deterministic function of the
+    local ones, no gradient): loss and local gradients equal sentence-transformers'."""
+    import sys
+
+    from simcse_fast.sentence_transformers import losses as our_module
+
+    their_module = sys.modules[st_losses.MultipleNegativesRankingLoss.__module__]
+
+    def all_gather_with_grad(x):
+        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
+        return torch.cat([others[0], x, others[1]])
+
+    for module in (our_module, their_module):
+        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
+        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    columns = random_columns(3, generator)
+    ours = losses.MultipleNegativesRankingLoss(None, gather_across_devices=True, **options)
+    theirs = st_losses.MultipleNegativesRankingLoss(None, gather_across_devices=True, **options)
+    value, grads = loss_and_grads(ours, columns)
+    expected, expected_grads = loss_and_grads(theirs, columns)
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)

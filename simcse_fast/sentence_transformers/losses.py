@@ -1,9 +1,11 @@
 """Drop-in replacements for sentence-transformers' in-batch-negatives losses.
 
 Each class subclasses its sentence-transformers namesake, takes exactly its constructor
-arguments and returns the same loss with the same gradients, computed by the fused op behind ``simcse_fast.functional.in_batch_negatives_loss``: no ``N x M`` similarity
-matrix is built. For queries ``q`` (the first column), documents ``d`` (positives, then any hard
-negatives) and ``s = scale``, the directions compose as
+arguments and returns the same loss with the same gradients, computed by the fused op behind
+``simcse_fast.functional.in_batch_negatives_loss``: no ``N x M`` similarity matrix is built,
+and the gradient of every logit (the positive's included, whatever the directions) is formed
+in fp32 before it is rounded to the embeddings' dtype. For queries ``q`` (the first column),
+documents ``d`` (positives, then any hard negatives) and ``s = scale``, the directions compose as
 
 * ``query_to_doc``: ``lse_j s cos(q_i, d_j)`` over all documents;
 * ``query_to_query``: ``lse_{k != i} s cos(q_i, q_k)``;
