@@ -144,7 +144,8 @@ def _lse_partial_kernel(
     scale = tl.load(scale_ptr).to(tl.float32)
     row_factor = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0) * (scale * LOG2E)
     if POSITIVE == 2:
-        positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1)
+        # int32 compares on the tile: labels index keys, fewer than 2**31.
+        positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1).to(tl.int32)
     else:
         positive_cols = rows
     fixed_shift = tl.abs(scale) <= 40.0
@@ -163,7 +164,7 @@ def _lse_partial_kernel(
         logits2 = dots * row_factor[:, None] * inv_norm_k[None, :]
         valid = col_in[None, :]
         if EXCLUDE:
-            valid = valid & ((cols[None, :] % exclude_period) != rows[:, None])
+            valid = valid & ((cols % exclude_period)[None, :] != rows[:, None])
         logits2 = tl.where(valid, logits2, float("-inf"))
         if fixed_shift:
             terms = tl.exp2(logits2 - bound)
@@ -230,14 +231,14 @@ def _gradient_weights_kernel(
     global_rows = first_row + r
     if POSITIVE:
         if POSITIVE == 2:
-            positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1)
+            positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1).to(tl.int32)
         else:
             positive_cols = global_rows
         positive_value = tl.load(positive_value_ptr + r, mask=r_in, other=0.0)
         weights = tl.where(c[None, :] == positive_cols[:, None], positive_value[:, None], weights)
     valid = r_in[:, None] & c_in[None, :]
     if EXCLUDE:
-        valid = valid & ((c[None, :] % exclude_period) != global_rows[:, None])
+        valid = valid & ((c % exclude_period)[None, :] != global_rows[:, None])
     weights = tl.where(valid, weights, 0.0)
     out = w_ptr + r.to(tl.int64)[:, None] * stride_w + c[None, :]
     tl.store(out, weights.to(w_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
@@ -259,7 +260,7 @@ SIMILARITY_CONFIGS = {
     # element, so they take half the D chunk to stay clear of register spills on sm_90.
     ("forward", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
     ("weights", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
-    ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
+    ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=8, num_stages=3),
     ("weights", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
 }
 """Every configuration the launchers use; the ahead-of-time compile test builds them all."""

@@ -28,7 +28,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # Triton specializes such arguments at run time, so the aligned cases are the ones that run.
 ALIGNED_SIZES = {
     "hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch",
-    "dim", "stride_q", "stride_k", "stride_rows", "stride_cols",
+    "dim", "stride_q", "stride_k", "stride_x", "stride_y",
 }  # fmt: skip
 TRITON_DTYPES = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 
@@ -118,43 +118,54 @@ def compile_case(case) -> dict:
         "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4", ptx)),
         "vector_stores": bool(re.search(r"st\.global(\.\w+)*\.v4", ptx)),
         "wgmma": "wgmma" in ptx,
+        "dynamic_shared": compiled.metadata.shared,
     }
 
 
 def similarity_cases():
-    """The forward kernel and both backward passes, for each input dtype (fp32 with and without
-    TF32) and the diagonal excluded or not, at the configurations the launchers use: D and row
-    strides are multiples of 16, which the launchers guarantee by padding."""
+    """The forward kernel and the gradient-weights kernel, for each input dtype (fp32 with and
+    without TF32) and every combination of flags the launchers use, at the configurations the
+    launchers use: D and row strides are multiples of 16 and base pointers 16-byte aligned, which
+    ``_Side`` guarantees by padding or copying."""
     from simcse_fast import similarity
 
+    forward_flags = [
+        {"EXCLUDE": False, "POSITIVE": 0},
+        {"EXCLUDE": True, "POSITIVE": 0},
+        {"EXCLUDE": False, "POSITIVE": 1},
+        {"EXCLUDE": False, "POSITIVE": 2},
+    ]
+    weights_flags = [  # (ROW_TERMS, COL_TERMS, POSITIVE, EXCLUDE): which block of which loss
+        (True, False, 0, False),  # similarity_logsumexp
+        (True, False, 0, True),  # its exclude_diagonal; query_to_query and doc_to_doc blocks
+        (True, False, 1, False),  # info_nce, sentence-transformers without doc_to_query
+        (True, False, 2, False),  # info_nce with labels
+        (True, True, 1, False),  # symmetric info_nce, doc_to_query
+        (False, True, 0, False),  # doc_to_query over gathered queries
+    ]
     for dtype, precision in [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")]:
         element_size = 4 if dtype == "fp32" else 2
         forward = similarity.SIMILARITY_CONFIGS["forward", element_size]
-        backward = similarity.SIMILARITY_CONFIGS["backward", element_size]
+        weights = similarity.SIMILARITY_CONFIGS["weights", element_size]
         precision = {"DOT_PRECISION": precision}
-        for exclude in (False, True):
-            blocks = {
-                "BLOCK_N": forward.block_rows,
-                "BLOCK_M": forward.block_cols,
-                "BLOCK_D": forward.block_d,
-            }
+        for flags in forward_flags:
+            blocks = {"BLOCK_N": forward.block_rows, "BLOCK_M": forward.block_cols}
+            blocks["BLOCK_D"] = forward.block_d
             yield make_case(
-                "simcse_fast.similarity", "_similarity_lse_forward_kernel", {"q_ptr": dtype, "k_ptr": dtype},
-                {"EXCLUDE_DIAGONAL": exclude, **blocks, **precision}, forward.num_warps,
-                aligned=True, int64_strides=False, num_stages=forward.num_stages,
+                "simcse_fast.similarity", "_lse_partial_kernel",
+                {"q_ptr": dtype, "k_ptr": dtype, "labels_ptr": "i64"}, {**flags, **blocks, **precision},
+                forward.num_warps, aligned=True, int64_strides=False, num_stages=forward.num_stages,
             )  # fmt: skip
-            blocks = {
-                "BLOCK_R": backward.block_rows,
-                "BLOCK_C": backward.block_cols,
-                "BLOCK_D": backward.block_d,
-            }
-            for rows_are_queries in (True, False):
-                flags = {"ROWS_ARE_QUERIES": rows_are_queries, "EXCLUDE_DIAGONAL": exclude}
-                yield make_case(
-                    "simcse_fast.similarity", "_similarity_lse_backward_kernel",
-                    {"rows_ptr": dtype, "cols_ptr": dtype}, {**flags, **blocks, **precision},
-                    backward.num_warps, aligned=True, int64_strides=False, num_stages=backward.num_stages,
-                )  # fmt: skip
+        for row_terms, col_terms, positive, exclude in weights_flags:
+            flags = {"ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude}
+            blocks = {"BLOCK_R": weights.block_rows, "BLOCK_C": weights.block_cols}
+            blocks["BLOCK_D"] = weights.block_d
+            yield make_case(
+                "simcse_fast.similarity", "_gradient_weights_kernel",
+                {"x_ptr": dtype, "y_ptr": dtype, "w_ptr": dtype, "labels_ptr": "i64"},
+                {**flags, **blocks, **precision}, weights.num_warps, aligned=True, int64_strides=False,
+                num_stages=weights.num_stages,
+            )  # fmt: skip
 
 
 CASES = {"pooling": pooling_cases, "similarity": similarity_cases}

@@ -339,3 +339,74 @@ def test_large_batch_runs_in_linear_memory():
     extra = torch.cuda.max_memory_allocated() - base
     assert loss.isfinite() and anchors.grad.isfinite().all()
     assert extra < 16 * n * d * 4, extra
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_unaligned_views_give_the_aligned_result(backend, generator):
+    """A view at an odd element offset (base pointer not 16-byte aligned) and a row stride that
+    is not a multiple of 16 are copied to aligned storage: the kernels only ever see aligned
+    rows, and the result is bitwise that of a contiguous copy."""
+    n, m, d = 40, 70, 64
+    storage = torch.randn(n * (d + 3) + 1, generator=generator).half()
+    anchors = storage[1:].as_strided((n, d), (d + 3, 1))
+    candidates = torch.randn(m, d, generator=generator).half()
+    assert anchors.data_ptr() % 16 != 0
+    leaves = [anchors.detach().clone().requires_grad_(), candidates.clone().requires_grad_()]
+    strided = [
+        storage.clone()[1:].as_strided((n, d), (d + 3, 1)).requires_grad_(),
+        candidates.clone().requires_grad_(),
+    ]
+    losses = [sf.info_nce(*inputs, backend=backend) for inputs in (leaves, strided)]
+    for loss in losses:
+        loss.backward()
+    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(leaves[0].grad, strided[0].grad) and torch.equal(leaves[1].grad, strided[1].grad)
+
+
+@pytest.mark.parametrize("chunk_mb", [0.001, 0.05, 1000.0])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_chunk_budget_changes_nothing_but_memory(chunk_mb, backend, generator):
+    """A budget of a few rows per chunk, a few chunks, or everything at once: the same loss and
+    gradients (the torch path keeps the cosines from the forward when they fit)."""
+    anchors, candidates, scale = make_inputs(150, 300, 64, torch.float16, "cpu", generator)
+    reference_run = with_grads(
+        sf.info_nce,
+        anchors,
+        candidates,
+        scale,
+        torch.Generator().manual_seed(5),
+        backend=backend,
+        symmetric=False,
+    )
+    chunked = with_grads(
+        sf.info_nce,
+        anchors,
+        candidates,
+        scale,
+        torch.Generator().manual_seed(5),
+        backend=backend,
+        chunk_mb=chunk_mb,
+    )
+    torch.testing.assert_close(chunked[0], reference_run[0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(chunked[1], reference_run[1], strict=True):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-6)
+
+
+BAD_BUDGETS = [
+    (0, ValueError, "positive"),
+    (-1.0, ValueError, "positive"),
+    ("8", TypeError, "number of MiB"),
+    (float("nan"), ValueError, "positive"),
+]
+
+
+@pytest.mark.parametrize("value, error, message", BAD_BUDGETS)
+def test_bad_chunk_budget(value, error, message):
+    with pytest.raises(error, match=f"chunk_mb must be a .*{message}"):
+        sf.info_nce(torch.randn(4, 8), torch.randn(4, 8), chunk_mb=value)
+
+
+def test_bad_chunk_budget_environment(monkeypatch):
+    monkeypatch.setenv("SIMCSE_FAST_LOSS_CHUNK_MB", "lots")
+    with pytest.raises(ValueError, match="SIMCSE_FAST_LOSS_CHUNK_MB must be a positive number"):
+        sf.info_nce(torch.randn(4, 8), torch.randn(4, 8))
