@@ -212,11 +212,23 @@ def measure_ceilings(device: Device, dtype: torch.dtype) -> dict:
     return ceilings
 
 
-def _measure_ms(
-    device: Device, fn, *, min_repeats: int = 5, warmup: int = 2, setup=None, statistic=statistics.median
-):
-    """``statistic`` (the median) of the milliseconds of ``fn()`` (or ``fn(setup())``, setup
-    untimed), run at least ``min_repeats`` times and until ``MIN_MEASURE_SECONDS`` were timed."""
+def spread(times: list[float]) -> dict:
+    """Median and 20th / 80th percentiles of a list of timings (milliseconds)."""
+    ordered = sorted(times)
+
+    def percentile(q: float) -> float:
+        position = q * (len(ordered) - 1)
+        low = math.floor(position)
+        high = min(low + 1, len(ordered) - 1)
+        return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+    return {"median": statistics.median(ordered), "p20": percentile(0.2), "p80": percentile(0.8)}
+
+
+def _measure_ms(device: Device, fn, *, min_repeats: int = 5, warmup: int = 2, setup=None, statistic=spread):
+    """``statistic`` (default: median, p20, p80) of the milliseconds of ``fn()`` (or
+    ``fn(setup())``, setup untimed), run at least ``min_repeats`` times and until
+    ``MIN_MEASURE_SECONDS`` were timed."""
     for _ in range(warmup):
         fn() if setup is None else fn(setup())
     device.synchronize()
@@ -411,10 +423,12 @@ def rows_for(case: Case, measured: dict, dtype: torch.dtype, ceilings: dict) -> 
             "shape": case.shape,
             "dtype": dtype_name,
             "status": "ok",
-            "median_ms": measured[pass_name],
+            "median_ms": measured[pass_name]["median"],
+            "p20_ms": measured[pass_name]["p20"],
+            "p80_ms": measured[pass_name]["p80"],
             "peak_mem_mb": measured.get("peak_mem_mb"),
         }
-        seconds = measured[pass_name] / 1e3
+        seconds = measured[pass_name]["median"] / 1e3
         if case.op == "info_nce":
             flops = loss_flops(case.shape["N"], case.shape["M"], case.shape["D"])[pass_name]
             row["tflops"] = flops / seconds / 1e12
@@ -439,6 +453,8 @@ def failed_rows(case: Case, dtype: torch.dtype, status: str) -> list[dict]:
             "dtype": dtype_name,
             "status": status,
             "median_ms": None,
+            "p20_ms": None,
+            "p80_ms": None,
             "fraction_of_ceiling": None,
             "peak_mem_mb": None,
         }
@@ -541,19 +557,21 @@ def markdown_table(document: dict) -> str:
         f"bf16 matmul {ceilings['bf16_tflops']:.3g} TFLOP/s, "
         f"{document['dtype']} matmul {ceilings['matmul_' + document['dtype'] + '_tflops']:.3g} TFLOP/s.",
         "",
-        "| op | shape | impl | pass | median ms | GB/s or TFLOP/s | % of ceiling | peak extra MB |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
+        "| op | shape | impl | pass | median ms | p20-p80 ms | GB/s or TFLOP/s | % of ceiling "
+        "| peak extra MB |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in document["rows"]:
         if row["status"] != "ok":
             lines.append(f"| {row['op']} | {_shape_text(row['shape'])} | {row['impl']} | {row['pass']} | "
-                         f"{row['status']} | | | |")  # fmt: skip
+                         f"{row['status']} | | | | |")  # fmt: skip
             continue
         rate = f"{row['gbps']:.1f} GB/s" if "gbps" in row else f"{row['tflops']:.3f} TFLOP/s"
         memory = "" if row["peak_mem_mb"] is None else f"{row['peak_mem_mb']:.1f}"
         lines.append(
             f"| {row['op']} | {_shape_text(row['shape'])} | {row['impl']} | {row['pass']} | "
-            f"{row['median_ms']:.3f} | {rate} | {100 * row['fraction_of_ceiling']:.1f} | {memory} |"
+            f"{row['median_ms']:.3f} | {row['p20_ms']:.3f}-{row['p80_ms']:.3f} | {rate} | "
+            f"{100 * row['fraction_of_ceiling']:.1f} | {memory} |"
         )
     if document["missing_peers"]:
         lines += ["", "Peers not measured:"]

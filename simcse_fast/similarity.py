@@ -29,7 +29,8 @@ in fp32, so the cosines carry no rounding of normalized copies. The grid is
 program writes a partial (shift, sum of exponentials) per row and the partials are merged in a
 fixed order (deterministic). Since ``|cos| <= 1``, when ``|s| <= 40`` the fixed shift ``|s|``
 replaces the running maximum (no term exceeds it by more than rounding, and ``exp(-2|s|)`` stays a
-normal fp32 number); above that the running maximum is kept.
+normal fp32 number); above that the running maximum is kept. Rows with a positive also keep the
+sum without it: ``1 - P_positive`` is the ratio of the two, with no cancellation.
 
 Backward: with ``g`` the upstream gradient of ``loss`` and ``g_max = max |g|``, the gradient of
 the logits is ``g_max W``, where, for an entry that is neither positive nor left out,
@@ -91,8 +92,6 @@ always allows, however small the inputs."""
 
 CHUNK_ENV_VAR = "SIMCSE_FAST_LOSS_CHUNK_MB"
 
-_LN2 = 0.6931471805599453
-LOG2E = tl.constexpr(1.4426950408889634)
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
@@ -125,16 +124,18 @@ def _lse_partial_kernel(
     BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Partial log-sum-exp of ``BLOCK_N`` query rows over the key range of split
-    ``program_id(1)``: ``shift[r]`` and ``sum[r] = sum_j 2 ** (log2(e) s cos_rj - shift[r])``, so
-    that ``lse = ln 2 (shift + log2 sum)`` once the splits are merged. ``EXCLUDE`` leaves out the
-    keys ``j`` with ``j mod exclude_period == r``. With a positive per row (``POSITIVE`` 1: key
-    ``r``; 2: key ``labels[r]``) the same sum without it is kept too: ``1 - P_positive`` is then a
-    ratio of two sums of positive terms, free of the cancellation of ``1 - exp(x)``.
+    ``program_id(1)``: ``shift[r]`` and ``sum[r] = sum_j exp(s cos_rj - shift[r])``, so that
+    ``lse = shift + log sum`` once the splits are merged. ``EXCLUDE`` leaves out the keys ``j``
+    with ``j mod exclude_period == r``. With a positive per row (``POSITIVE`` 1: key ``r``; 2: key
+    ``labels[r]``) the same sum without it is kept too: ``1 - P_positive`` is then a ratio of two
+    sums of positive terms, free of the cancellation of ``1 - exp(x)``.
 
-    Base 2 because ``exp2`` is the hardware instruction. ``|s| <= 40``: fixed shift ``|s| log2 e``
-    (no row maximum per tile). Otherwise an online maximum; a row with no term yet keeps
-    ``-inf`` and shifts by 0, which avoids ``-inf - -inf``; a row with no term at all ends with
-    sum 0, i.e. ``lse = -inf`` as ``torch.logsumexp``.
+    The logits are formed by the very expression of ``_gradient_weights_kernel``, so that the
+    backward's ``exp(logit - lse)`` sums to 1 over a row up to the rounding of the sum, not of
+    two differently rounded logits near ``|s|``. ``|s| <= 40``: fixed shift ``|s|`` (no row
+    maximum per tile). Otherwise an online maximum; a row with no term yet keeps ``-inf`` and
+    shifts by 0, which avoids ``-inf - -inf``; a row with no term at all ends with sum 0, i.e.
+    ``lse = -inf`` as ``torch.logsumexp``.
     """
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < n_queries
@@ -142,14 +143,14 @@ def _lse_partial_kernel(
     col_begin = split * keys_per_split
     col_end = tl.minimum(col_begin + keys_per_split, n_keys)
     scale = tl.load(scale_ptr).to(tl.float32)
-    row_factor = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0) * (scale * LOG2E)
+    row_factor = scale * tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0)
     if POSITIVE == 2:
         # int32 compares on the tile: labels index keys, fewer than 2**31.
         positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1).to(tl.int32)
     else:
         positive_cols = rows
     fixed_shift = tl.abs(scale) <= 40.0
-    bound = tl.abs(scale) * LOG2E
+    bound = tl.abs(scale)
     running_shift = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.where(fixed_shift, bound, float("-inf"))
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
     negative_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -161,22 +162,22 @@ def _lse_partial_kernel(
             BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
         inv_norm_k = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
-        logits2 = dots * row_factor[:, None] * inv_norm_k[None, :]
+        logits = row_factor[:, None] * dots * inv_norm_k[None, :]
         valid = col_in[None, :]
         if EXCLUDE:
             valid = valid & ((cols % exclude_period)[None, :] != rows[:, None])
-        logits2 = tl.where(valid, logits2, float("-inf"))
+        logits = tl.where(valid, logits, float("-inf"))
         if fixed_shift:
-            terms = tl.exp2(logits2 - bound)
+            terms = tl.exp(logits - bound)
             running_sum += tl.sum(terms, axis=1)
             if POSITIVE:
                 negatives = tl.where(cols[None, :] == positive_cols[:, None], 0.0, terms)
                 negative_sum += tl.sum(negatives, axis=1)
         else:
-            new_max = tl.maximum(running_shift, tl.max(logits2, axis=1))
+            new_max = tl.maximum(running_shift, tl.max(logits, axis=1))
             shift = tl.where(new_max == float("-inf"), 0.0, new_max)
-            rescale = tl.exp2(running_shift - shift)
-            terms = tl.exp2(logits2 - shift[:, None])
+            rescale = tl.exp(running_shift - shift)
+            terms = tl.exp(logits - shift[:, None])
             running_sum = running_sum * rescale + tl.sum(terms, axis=1)
             if POSITIVE:
                 negatives = tl.where(cols[None, :] == positive_cols[:, None], 0.0, terms)
@@ -217,7 +218,8 @@ def _gradient_weights_kernel(
     )
     inv_norm_x = tl.load(inv_norm_x_ptr + r, mask=r_in, other=0.0)
     inv_norm_y = tl.load(inv_norm_y_ptr + c, mask=c_in, other=0.0)
-    logits = (tl.load(scale_ptr).to(tl.float32) * inv_norm_x)[:, None] * dots * inv_norm_y[None, :]
+    row_factor = tl.load(scale_ptr).to(tl.float32) * inv_norm_x
+    logits = row_factor[:, None] * dots * inv_norm_y[None, :]
     weights = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     if ROW_TERMS:
         row_lse = tl.load(row_lse_ptr + r, mask=r_in, other=0.0)
@@ -260,7 +262,7 @@ SIMILARITY_CONFIGS = {
     # element, so they take half the D chunk to stay clear of register spills on sm_90.
     ("forward", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
     ("weights", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
-    ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=8, num_stages=3),
+    ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
     ("weights", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
 }
 """Every configuration the launchers use; the ahead-of-time compile test builds them all."""
@@ -333,8 +335,9 @@ def inverse_norms(x: Tensor) -> Tensor:
 
 
 class _Side:
-    """One input matrix: aligned (padded) copy if needed, inverse norms, its unit rows in the
-    input dtype (the GEMM operand) and the fp32 accumulator ``U`` of its gradient."""
+    """One input matrix: an aligned (padded) copy if needed, inverse norms, its unit rows (in the
+    input dtype for the backward GEMMs, in fp32 for the torch path's cosines and the epilogue)
+    and the fp32 accumulator ``U`` of its gradient."""
 
     def __init__(self, x: Tensor):
         self.dim = x.shape[1]
@@ -356,11 +359,6 @@ class _Side:
         return tensor.float() if self._upcast else tensor
 
     @functools.cached_property
-    def dot_operand(self) -> Tensor:
-        """The raw rows as a GEMM operand for the cosines (torch path)."""
-        return self._operand(self.x)
-
-    @functools.cached_property
     def unit(self) -> Tensor:
         """``x_i a_i`` rounded once to the input dtype: the operand of the backward GEMMs."""
         return self._operand((self.x.float() * self.inv_norm[:, None]).to(self.x.dtype))
@@ -369,15 +367,27 @@ class _Side:
     def grad_acc(self) -> Tensor:
         return torch.zeros(self.x.shape, dtype=torch.float32, device=self.x.device)
 
-    def cosines(self, rows: slice, other: _Side, n_cols: int) -> Tensor:
-        """``cos(x[rows], other.x[:n_cols])`` in fp32 from the raw inputs (torch path)."""
-        dots = _matmul_fp32(self.dot_operand[rows], other.dot_operand[:n_cols].T)
-        return dots.mul_(self.inv_norm[rows, None]).mul_(other.inv_norm[None, :n_cols])
+    @functools.cached_property
+    def unit32(self) -> Tensor:
+        """``x_i a_i`` in fp32 (torch path on a CPU or for fp32 inputs)."""
+        return self.x.float() * self.inv_norm[:, None]
+
+    def cosines(self, rows: slice, other: _Side, n_cols: int, out: Tensor | None = None) -> Tensor:
+        """``cos(x[rows], other.x[:n_cols])`` in fp32 (torch path). Half inputs on a GPU: the
+        tensor-core GEMM of the raw rows (exact products, fp32 accumulation) times ``a_i b_j``;
+        otherwise the fp32 GEMM of fp32 unit rows, whose rounding (2**-24) is below that of the
+        accumulation."""
+        if self.x.is_cuda and self.x.dtype != torch.float32:
+            dots = _matmul_fp32(self.x[rows], other.x[:n_cols].T)
+            dots = dots.mul_(self.inv_norm[rows, None]).mul_(other.inv_norm[None, :n_cols])
+            return dots if out is None else out.copy_(dots)
+        return torch.matmul(self.unit32[rows], other.unit32[:n_cols].T, out=out)
 
     def gradient(self, factor: Tensor) -> tuple[Tensor, Tensor]:
         """``(dx, sum_i <x^_i, U_i>)``: the gradient through ``x / max(|x|, eps)`` from the
-        accumulated ``U`` (times ``factor = s g_max``), cast once to ``x.dtype``."""
-        unit = self.x.float() * self.inv_norm[:, None]
+        accumulated ``U`` times ``factor`` (the scale over ``W``'s scaling), cast once to
+        ``x.dtype``."""
+        unit = self.unit32
         radial = (unit * self.grad_acc).sum(dim=1)
         # A norm below eps is clamped: the unit vector is then x / eps, with no radial term.
         projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
@@ -398,12 +408,12 @@ def _budget_rows(budget: int, bytes_per_row: int, n_rows: int) -> int:
 
 
 def _merge_partials(partial_shift: Tensor, partial_sum: Tensor) -> Tensor:
-    """``ln 2 (m + log2 sum_k sum_k 2 ** (shift_k - m))``, ``m = max_k shift_k``, over the splits
-    ``k`` (dim 0), in a fixed order."""
+    """``m + log sum_k sum_k exp(shift_k - m)``, ``m = max_k shift_k``, over the splits ``k``
+    (dim 0), in a fixed order."""
     top = partial_shift.amax(dim=0)
     top = torch.where(top == float("-inf"), torch.zeros_like(top), top)
-    total = (partial_sum * torch.exp2(partial_shift - top)).sum(dim=0)
-    return (top + torch.log2(total)) * _LN2
+    total = (partial_sum * torch.exp(partial_shift - top)).sum(dim=0)
+    return top + torch.log(total)
 
 
 def _triton_row_lse(rows, n_rows, cols, n_cols, period, positive, scale):
@@ -444,17 +454,25 @@ def _torch_row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, 
     step = n_rows if cache is not None else _budget_rows(budget, 12 * n_cols, n_rows)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
-        cos = rows.cosines(slice(start, stop), cols, n_cols)
-        if cache is not None:
-            cache.view(n_rows, n_cols)[start:stop] = cos
-        logits = cos.mul_(scale)
+        out = None if cache is None else cache.view(n_rows, n_cols)[start:stop]
+        terms = rows.cosines(slice(start, stop), cols, n_cols, out=out) * scale
         if period:
             global_rows = torch.arange(start, stop, device=lse.device)
-            logits.masked_fill_(_exclusion_mask(global_rows, n_cols, period), float("-inf"))
-        lse[start:stop] = torch.logsumexp(logits, dim=1)
-        if mode:
-            columns = _positive_columns(mode, labels, start, stop, 0, lse.device)
-            negative_lse[start:stop] = torch.logsumexp(logits.scatter_(1, columns, float("-inf")), dim=1)
+            terms.masked_fill_(_exclusion_mask(global_rows, n_cols, period), float("-inf"))
+        shift = terms.amax(dim=1, keepdim=True) if n_cols else terms.new_zeros((stop - start, 1))
+        shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
+        terms.sub_(shift).exp_()
+        shift = shift.squeeze(1)
+        if not mode:
+            lse[start:stop] = shift + terms.sum(dim=1).log()
+            continue
+        # The sum without the positive comes first and the positive is added to it: no
+        # difference of nearly equal sums, whatever P_positive.
+        columns = _positive_columns(mode, labels, start, stop, 0, lse.device)
+        positive_terms = terms.gather(1, columns).squeeze(1)
+        negatives = terms.scatter_(1, columns, 0.0).sum(dim=1)
+        lse[start:stop] = shift + (negatives + positive_terms).log()
+        negative_lse[start:stop] = shift + negatives.log()
     return lse, negative_lse
 
 
@@ -538,20 +556,20 @@ def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor) -> Tenso
         cos = block.cached_cos[start:stop]
     else:
         cos = block.rows.cosines(rows, block.cols, block.n_cols)
-    logits = scale * cos
-    weights = torch.zeros_like(logits)
-    if block.row_lse is not None:
-        weights.addcmul_(
-            block.row_weight[start:stop, None], (logits - block.row_lse[start:stop, None]).exp_()
-        )
+    logits = cos * scale
+    n_terms = block.n_col_terms
+    col_part = None
     if block.col_lse is not None:
-        n_terms = block.n_col_terms
-        col_terms = (logits[:, :n_terms] - block.col_lse[None, :]).exp_()
-        weights[:, :n_terms].addcmul_(block.col_weight[None, :], col_terms)
+        col_part = (logits[:, :n_terms] - block.col_lse[None, :]).exp_().mul_(block.col_weight[None, :])
+    if block.row_lse is None:
+        weights = col_part  # a block of column terms only spans exactly those columns
+    else:
+        weights = logits.sub_(block.row_lse[start:stop, None]).exp_().mul_(block.row_weight[start:stop, None])
+        if col_part is not None:
+            weights[:, :n_terms] += col_part
     if block.positive_mode:
-        columns = _positive_columns(
-            block.positive_mode, block.labels, start, stop, block.row_start, cos.device
-        )
+        mode, labels = block.positive_mode, block.labels
+        columns = _positive_columns(mode, labels, start, stop, block.row_start, cos.device)
         weights.scatter_(1, columns, block.positive_value[start:stop, None])
     if block.exclude_period:
         global_rows = torch.arange(rows.start, rows.stop, device=cos.device)
@@ -564,7 +582,7 @@ def _accumulate_block(block: _Block, scale: Tensor, implementation: str, budget:
     if block.n_rows == 0 or block.n_cols == 0:
         return
     element = block.rows.x.element_size()
-    temporaries = 0 if implementation == "triton" else 16  # fp32 cosines, logits, exponentials
+    temporaries = 0 if implementation == "triton" else 12  # fp32 cosines or logits, column terms
     step = _budget_rows(budget, block.n_cols * (element + temporaries), block.n_rows)
     buffer = None
     if implementation == "triton":

@@ -17,6 +17,8 @@ ROW_KEYS = {
     "dtype",
     "status",
     "median_ms",
+    "p20_ms",
+    "p80_ms",
     "fraction_of_ceiling",
     "peak_mem_mb",
 }
@@ -55,6 +57,7 @@ def test_result_document_schema(tiny_run, tmp_path):
         assert ROW_KEYS <= set(row), row
         assert row["pass"] in bench.PASSES and row["status"] == "ok"
         assert row["median_ms"] > 0 and row["fraction_of_ceiling"] > 0
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert ("tflops" in row) == (row["op"] == "info_nce") and ("gbps" in row) != ("tflops" in row)
     written = bench.write_results(document, tmp_path)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == json.loads(
