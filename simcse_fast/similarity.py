@@ -386,14 +386,15 @@ class _Side:
     def gradient(self, factor: Tensor) -> tuple[Tensor, Tensor]:
         """``(dx, sum_i <x^_i, U_i>)``: the gradient through ``x / max(|x|, eps)`` from the
         accumulated ``U`` times ``factor`` (the scale over ``W``'s scaling), cast once to
-        ``x.dtype``."""
-        unit = self.unit32
-        radial = (unit * self.grad_acc).sum(dim=1)
+        ``x.dtype``. Works in place on ``U``: the epilogue adds no (rows, D) buffer but the fp32
+        unit rows."""
+        self.__dict__.pop("unit", None)  # the GEMM operand is no longer needed
+        unit, acc = self.unit32, self.grad_acc
+        radial = torch.linalg.vecdot(unit, acc)
         # A norm below eps is clamped: the unit vector is then x / eps, with no radial term.
         projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
-        grad = factor * self.inv_norm[:, None] * (self.grad_acc - projected[:, None] * unit)
-        return grad[:, : self.dim].to(self.x.dtype), radial.sum()
-
+        acc.addcmul_(unit, projected[:, None], value=-1.0).mul_(factor * self.inv_norm[:, None])
+        return acc[:, : self.dim].to(self.x.dtype), radial.sum()
 
 def _exclusion_mask(global_rows: Tensor, n_cols: int, period: int) -> Tensor:
     cols = torch.arange(n_cols, device=global_rows.device)
