@@ -32,29 +32,39 @@ replaces the running maximum (no term exceeds it by more than rounding, and ``ex
 normal fp32 number); above that the running maximum is kept. Rows with a positive also keep the
 sum without it: ``1 - P_positive`` is the ratio of the two, with no cancellation.
 
-Backward: with ``g`` the upstream gradient of ``loss`` and ``g_max = max |g|``, the gradient of
-the logits is ``g_max W``, where, for an entry that is neither positive nor left out,
+Backward: with ``g`` the upstream gradient of ``loss``, the gradient of the logits is
+``W / c``, where ``c`` is a power of two chosen below and, for an entry that is neither a
+positive nor left out,
 
-    W_ij = sum over the softmaxes containing it of  weight * exp(s cos_ij - lse)
+    W_ij = c * sum over the softmaxes containing it of  weight * exp(s cos_ij - lse)
 
 (row softmaxes are indexed by i, the doc_to_query softmax by the column; joint: lse = log_z and
-weight = g / g_max; per direction: the direction's lse and weight g / (g_max #directions)). At a
-positive ``W = w_r expm1(x_r) + w_c expm1(x_c) + (w_r + w_c - w_pos)``, whose last term is exactly
-zero whenever the positive weight is the sum of the softmax weights: ``1 - P_ii`` is computed
-without cancellation, in fp32, before ``W`` is rounded to the inputs' dtype, and dividing by
-``g_max`` keeps every weight of magnitude up to 1 clear of fp16 underflow whatever the loss
-scale. ``W`` is formed a chunk of rows at a time (a Triton kernel recomputes the chunk's cosines
-and writes ``W`` in the inputs' dtype; on the torch path, plain tensor ops), and the heavy
-products go to the vendor GEMM with fp32 accumulation:
+weight = g; per direction: the direction's lse and weight g / #directions). ``W`` is formed in
+fp32 and only then rounded to the inputs' dtype. Two choices keep it exact in half precision
+where SimCSE lives (``P_ii`` of 0.999+, so a row's gradient is a small difference):
+
+* A positive's entry is ``-c g (1 - P_ii)`` (per direction: a sum of such terms), and
+  ``1 - P_ii = exp(lse_without_positive - lse)`` comes from the forward's two sums: a ratio of
+  sums of positive terms, accurate to a few fp32 ulps for any ``P_ii``, where ``1 - exp(x)`` (or
+  ``expm1`` of a difference of two logits near ``|s|``) keeps only ``ulp(|s|) / (1 - P_ii)``.
+* ``c`` brings the largest entry of ``W`` near 2**15 (a bound from the same O(N) statistics), so
+  fp16 weights keep the 30 binades of fp16's normal range below it, with or without a loss
+  scale; dividing by ``max |g|`` alone would leave the entries of easy rows (1e-7 and below)
+  among fp16's subnormals.
+
+``W`` is formed a chunk of rows at a time (a Triton kernel recomputes the chunk's cosines and
+writes ``W``; on the torch path, plain tensor ops), and the heavy products go to the vendor GEMM
+(cuBLAS on a GPU) with fp32 accumulation and an fp32 result:
 
     U_rows[chunk] += W @ unit(cols),   U_cols += W^T @ unit(rows[chunk])
 
 into one fp32 ``(rows, D)`` buffer per input. The normalization backward is then the projection
-``dx_i = s g_max a_i (U_i - [|x_i| > eps] <x^_i, U_i> x^_i)`` and
-``ds = g_max / 2 sum_inputs sum_i <x^_i, U_i>`` (each entry of ``W cos`` is seen once from its
-row and once from its column): the row and column sums of ``W cos`` come out of the GEMM results,
-so the kernel writes nothing but ``W``. No float atomics anywhere: bitwise deterministic, duplicate
-labels included (a positive is an entry of ``W``, not a scatter).
+``dx_i = (s / c) a_i (U_i - [|x_i| > eps] <x^_i, U_i> x^_i)`` and
+``ds = (1 / 2c) sum_inputs sum_i <x^_i, U_i>`` (each entry of ``W cos`` is seen once from its row
+and once from its column): the row and column sums of ``W cos`` come out of the GEMM results, so
+the kernel writes nothing but ``W`` (no partial-sum buffers, no second output). No float atomics
+anywhere: bitwise deterministic, duplicate labels included (a positive is an entry of ``W``, not
+a scatter).
 
 Memory: beyond the inputs, their gradients and O((Nq + Nd) D) buffers, one chunk of ``W`` and its
 temporaries, sized by a byte budget (default: the size of the fp32 buffers, at least
@@ -82,7 +92,7 @@ from ._triton import tl, triton
 NORM_EPS = 1e-12
 """Norms are clamped at this value, as in ``torch.nn.functional.normalize``."""
 
-FIXED_SHIFT_MAX_SCALE = 40.0
+FIXED_SHIFT_MAX_SCALE = tl.constexpr(40.0)
 """Up to this ``|scale|`` the forward shifts every exponent by ``|scale|`` instead of a running
 maximum: the smallest term, ``exp(-2 |scale|)``, is still a normal fp32 number."""
 
@@ -91,7 +101,6 @@ DEFAULT_BUDGET_FLOOR = 32 << 20
 always allows, however small the inputs."""
 
 CHUNK_ENV_VAR = "SIMCSE_FAST_LOSS_CHUNK_MB"
-
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
@@ -149,7 +158,7 @@ def _lse_partial_kernel(
         positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1).to(tl.int32)
     else:
         positive_cols = rows
-    fixed_shift = tl.abs(scale) <= 40.0
+    fixed_shift = tl.abs(scale) <= FIXED_SHIFT_MAX_SCALE
     bound = tl.abs(scale)
     running_shift = tl.zeros((BLOCK_N,), dtype=tl.float32) + tl.where(fixed_shift, bound, float("-inf"))
     running_sum = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -258,8 +267,11 @@ class SimilarityConfig:
 
 
 SIMILARITY_CONFIGS = {
-    # (kernel, bytes per input element) -> configuration. fp32 tiles hold twice the bytes per
-    # element, so they take half the D chunk to stay clear of register spills on sm_90.
+    # (kernel, bytes per input element) -> configuration; D only sets the trip count of the inner
+    # loop. fp32 tiles hold twice the bytes per element, so they take half the D chunk to stay
+    # clear of register spills on sm_90. From the AOT compile (Triton 3.9): the half forward
+    # needs 122-147 registers and 72 KB of shared memory (two CTAs per SM without exclusion),
+    # the half weights kernel 64-152 (three CTAs per SM for info_nce's 80).
     ("forward", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
     ("weights", 2): SimilarityConfig(block_rows=128, block_cols=64, block_d=64, num_warps=8, num_stages=3),
     ("forward", 4): SimilarityConfig(block_rows=64, block_cols=64, block_d=32, num_warps=4, num_stages=3),
@@ -306,8 +318,9 @@ def _cuda_mm_has_fp32_output() -> bool:
     """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` runs for half CUDA operands (PyTorch
     2.8 and later): the GEMM then accumulates and returns fp32 without a rounding of its result."""
     try:
-        probe = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
-        torch.mm(probe, probe.T, out_dtype=torch.float32)
+        probe = torch.ones(16, 32, device="cuda", dtype=torch.bfloat16)
+        torch.mm(probe, probe.T, out_dtype=torch.float32)  # both layouts the backward uses
+        torch.mm(probe.T, probe, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError) as error:
         warnings.warn(
             f"torch.mm(..., out_dtype=torch.float32) is unavailable ({error}); the loss backward "
@@ -360,7 +373,8 @@ class _Side:
 
     @functools.cached_property
     def unit(self) -> Tensor:
-        """``x_i a_i`` rounded once to the input dtype: the operand of the backward GEMMs."""
+        """``x_i a_i`` rounded once to the input dtype: the operand of the backward GEMMs (on a
+        CPU, half inputs give an fp32 copy of those rounded values)."""
         return self._operand((self.x.float() * self.inv_norm[:, None]).to(self.x.dtype))
 
     @functools.cached_property
@@ -395,6 +409,7 @@ class _Side:
         projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
         acc.addcmul_(unit, projected[:, None], value=-1.0).mul_(factor * self.inv_norm[:, None])
         return acc[:, : self.dim].to(self.x.dtype), radial.sum()
+
 
 def _exclusion_mask(global_rows: Tensor, n_cols: int, period: int) -> Tensor:
     cols = torch.arange(n_cols, device=global_rows.device)

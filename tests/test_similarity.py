@@ -364,32 +364,24 @@ def test_unaligned_views_give_the_aligned_result(backend, generator):
     assert torch.equal(leaves[0].grad, strided[0].grad) and torch.equal(leaves[1].grad, strided[1].grad)
 
 
+@pytest.mark.parametrize("options", [{}, {"symmetric": True}, {"labels": "random"}], ids=str)
 @pytest.mark.parametrize("chunk_mb", [0.001, 0.05, 1000.0])
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_chunk_budget_changes_nothing_but_memory(chunk_mb, backend, generator):
+def test_chunk_budget_changes_nothing_but_memory(chunk_mb, options, backend, generator):
     """A budget of a few rows per chunk, a few chunks, or everything at once: the same loss and
     gradients (the torch path keeps the cosines from the forward when they fit)."""
-    anchors, candidates, scale = make_inputs(150, 300, 64, torch.float16, "cpu", generator)
-    reference_run = with_grads(
-        sf.info_nce,
-        anchors,
-        candidates,
-        scale,
-        torch.Generator().manual_seed(5),
-        backend=backend,
-        symmetric=False,
-    )
+    anchors, candidates, scale = make_inputs(150, 150, 64, torch.float16, "cpu", generator)
+    if options.get("labels") == "random":
+        options = {"labels": torch.randint(0, 150, (150,), generator=generator)}
+    seed = torch.Generator().manual_seed(5)
+    default = with_grads(sf.info_nce, anchors, candidates, scale, seed, backend=backend, **options)
+    seed = torch.Generator().manual_seed(5)
     chunked = with_grads(
-        sf.info_nce,
-        anchors,
-        candidates,
-        scale,
-        torch.Generator().manual_seed(5),
-        backend=backend,
-        chunk_mb=chunk_mb,
+        sf.info_nce, anchors, candidates, scale, seed, backend=backend, chunk_mb=chunk_mb, **options
     )
-    torch.testing.assert_close(chunked[0], reference_run[0], rtol=1e-6, atol=1e-6)
-    for got, want in zip(chunked[1], reference_run[1], strict=True):
+    runs = [default, chunked]
+    torch.testing.assert_close(runs[1][0], runs[0][0], rtol=1e-6, atol=1e-6)
+    for got, want in zip(runs[1][1], runs[0][1], strict=True):
         torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-6)
 
 
