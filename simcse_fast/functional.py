@@ -183,9 +183,10 @@ def in_batch_negatives_loss(
     n_queries = queries.shape[0]
     if isinstance(n_local, bool) or not isinstance(n_local, int) or not 0 <= n_local <= n_queries:
         raise ValueError(f"n_local must be an int in [0, {n_queries}] (the local queries); got {n_local!r}")
-    if n_queries and docs.shape[0] % n_queries:
+    if docs.shape[0] == 0 or (n_queries and docs.shape[0] % n_queries):
         raise ValueError(
-            f"docs must hold whole columns of {n_queries} documents (one per query); got {docs.shape[0]} rows"
+            f"docs must hold one or more whole columns of {n_queries} documents (one per query); "
+            f"got {docs.shape[0]} rows"
         )
     unknown = set(directions) - set(similarity.DIRECTIONS)
     if unknown or "query_to_doc" not in directions:

@@ -408,7 +408,8 @@ class _Side:
         # A norm below eps is clamped: the unit vector is then x / eps, with no radial term.
         projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
         acc.addcmul_(unit, projected[:, None], value=-1.0).mul_(factor * self.inv_norm[:, None])
-        return acc[:, : self.dim].to(self.x.dtype), radial.sum()
+        # Contiguous whatever the padding or the input's layout: the fake kernel promises it.
+        return acc[:, : self.dim].to(self.x.dtype).contiguous(), radial.sum()
 
 
 def _exclusion_mask(global_rows: Tensor, n_cols: int, period: int) -> Tensor:
@@ -890,7 +891,7 @@ def contrastive_loss_backward_op(
 
 @contrastive_loss_backward_op.register_fake
 def _contrastive_loss_backward_fake(grad_loss, queries, docs, scale, *_args):
-    return torch.empty_like(queries), torch.empty_like(docs), torch.empty_like(scale)
+    return queries.new_empty(queries.shape), docs.new_empty(docs.shape), scale.new_empty(scale.shape)
 
 
 _FLAGS = (

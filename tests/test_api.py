@@ -119,3 +119,21 @@ def test_bad_backend(pool, kwargs, error, message):
 def test_bad_pooling_input(pool, x, mask, error, message):
     with pytest.raises(error, match=message):
         pool(x, mask)
+
+
+@pytest.mark.parametrize(
+    "docs, kwargs, message",
+    [
+        (torch.randn(0, 8), {}, "one or more whole columns of 4 documents"),
+        (torch.randn(6, 8), {}, "one or more whole columns of 4 documents"),
+        (torch.randn(8, 8), {"n_local": 5}, r"n_local must be an int in \[0, 4\]"),
+        (torch.randn(8, 8), {"directions": ("doc_to_query",)}, "must include 'query_to_doc'"),
+        (torch.randn(8, 8), {"partition_mode": "mean"}, "partition_mode must be"),
+    ],
+)
+def test_in_batch_negatives_loss_rejects_bad_layouts(docs, kwargs, message):
+    from simcse_fast.functional import in_batch_negatives_loss
+
+    kwargs = {"n_local": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        in_batch_negatives_loss(torch.randn(4, 8), docs, **kwargs)

@@ -41,3 +41,44 @@ def test_custom_ops_pass_opcheck(generator):
     mask = random_mask(3, 9, "left", generator)
     torch.library.opcheck(pooling.masked_mean_pool_op, (x, mask, "triton"))
     torch.library.opcheck(pooling.masked_max_pool_op, (x, mask, "triton"))
+
+
+@pytest.mark.parametrize("layout", ["padded-d", "transposed"])
+@pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_loss_compiles_with_the_real_gradient_layout(backend, compile_backend, layout, generator):
+    """Inductor checks the strides the fake kernels promise against the real outputs: D = 20
+    (padded to 32 inside the op) and a transposed input must give the same numbers as eager."""
+    torch._dynamo.reset()
+    if layout == "padded-d":
+        anchors = random_embeddings((6, 20), torch.float32, generator)
+    else:
+        anchors = random_embeddings((32, 6), torch.float32, generator).T
+    candidates = random_embeddings((9, anchors.shape[1]), torch.float32, generator)
+
+    def loss_fn(a, c):
+        return sf.info_nce(a, c, backend=backend) + sf.info_nce(a, c[:6], symmetric=True, backend=backend)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend=compile_backend)
+    leaves = [[t.detach().clone().requires_grad_() for t in (anchors, candidates)] for _ in range(2)]
+    eager_loss, compiled_loss = loss_fn(*leaves[0]), compiled(*leaves[1])
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss)
+    for eager_leaf, compiled_leaf in zip(*leaves, strict=True):
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)
+
+
+def test_backward_op_passes_opcheck(generator):
+    """The backward op's fake kernel promises contiguous gradients of the inputs' shapes."""
+    from simcse_fast import similarity
+
+    queries = random_embeddings((32, 6), torch.float32, generator).T
+    docs = random_embeddings((8, 20), torch.float32, generator)
+    scale = torch.tensor(20.0)
+    _, stats, cache = similarity.contrastive_loss_op(
+        queries, docs, scale, None, 6, False, True, False, False, True, False, "torch", 1 << 20
+    )
+    flags = (6, False, True, False, False, True, False, "torch", 1 << 20)
+    args = (torch.ones(6), queries, docs, scale, None, stats, cache, *flags)
+    torch.library.opcheck(similarity.contrastive_loss_backward_op, args)
