@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import pooling, reference, similarity
+from . import distributed, pooling, reference, similarity
 from ._backends import resolve_backend
 from ._checks import (
     check_bool,
@@ -75,6 +75,8 @@ def similarity_logsumexp(
     exclude_diagonal: bool = False,
     backend: str | None = None,
     chunk_mb: float | None = None,
+    gather_across_devices: bool = False,
+    group=None,
 ) -> Tensor:
     """Row-wise log-sum-exp of scaled cosine similarities, without the N x M matrix.
 
@@ -85,6 +87,11 @@ def similarity_logsumexp(
     inputs and their gradients is O((N + M) D) plus the N x M chunk budget: ``chunk_mb`` MiB,
     else ``SIMCSE_FAST_LOSS_CHUNK_MB``, else the size of the fp32 gradient buffers (at least
     32 MiB); a larger budget buys fewer, larger backward chunks.
+
+    ``gather_across_devices=True`` with an initialized ``torch.distributed`` process group
+    (``group``, default the world): the keys of every rank are all-gathered with gradient and the
+    local queries score against all of them (``exclude_diagonal`` leaves out this rank's key
+    ``i``). Every rank must pass the same shapes. Without a process group it changes nothing.
     """
     check_embedding_pair("queries", queries, "keys", keys)
     check_bool("exclude_diagonal", exclude_diagonal)
@@ -93,8 +100,12 @@ def similarity_logsumexp(
             f"exclude_diagonal=True needs at least as many keys as queries (M >= N); "
             f"got N = {queries.shape[0]}, M = {keys.shape[0]}"
         )
+    check_bool("gather_across_devices", gather_across_devices)
     scale = scale_tensor(scale, queries.device)
     implementation = resolve_backend(backend, queries.device, "similarity_logsumexp", LOSS_BACKENDS)
+    if gather_across_devices and distributed.is_distributed(group):
+        gathered = distributed.all_gather_with_grad(keys, group)
+        keys = distributed.local_first(gathered, keys.shape[0], group)
     budget = similarity.memory_budget(chunk_mb, queries.shape[0], keys.shape[0], queries.shape[1])
     lse, _, _ = similarity.contrastive_loss_op(
         queries, keys, scale, None, queries.shape[0], False, False, False, False, False,
@@ -113,6 +124,8 @@ def info_nce(
     reduction: str = "mean",
     backend: str | None = None,
     chunk_mb: float | None = None,
+    gather_across_devices: bool = False,
+    group=None,
 ) -> Tensor:
     """Cross-entropy over scaled cosine similarities (InfoNCE, MultipleNegativesRankingLoss).
 
@@ -125,6 +138,14 @@ def info_nce(
     ``reduction``: ``"mean"``, ``"sum"`` (0-dim) or ``"none"`` ((N,)). The loss is fp32;
     gradients reach anchors, candidates and a tensor ``scale`` in their own dtypes.
     ``chunk_mb``: the N x M memory budget, as in :func:`similarity_logsumexp`.
+
+    ``gather_across_devices=True`` with an initialized ``torch.distributed`` process group
+    (``group``, default the world): the candidates of every rank (and, when symmetric, the
+    anchors) are all-gathered with gradient, local anchors score against all candidates, and
+    ``labels`` keep indexing this rank's candidates. Each rank's loss covers its own anchors;
+    averaged over ranks as DistributedDataParallel averages gradients, it is the loss of the
+    whole batch. Every rank must pass the same shapes. Without a process group it changes
+    nothing. Memory of the gather: O(world x rows x D).
 
     The gradient of the logits, ``g_i (P_ij - [j = labels_i])``, is formed in fp32 with
     ``1 - P_ii`` free of cancellation and only then rounded to the inputs' dtype, so half-precision
@@ -145,10 +166,19 @@ def info_nce(
         check_labels(labels, n_anchors, n_candidates, anchors.device)
     scale = scale_tensor(scale, anchors.device)
     implementation = resolve_backend(backend, anchors.device, "info_nce", LOSS_BACKENDS)
+    check_bool("gather_across_devices", gather_across_devices)
     labels = None if labels is None else labels.long().contiguous()
-    budget = similarity.memory_budget(chunk_mb, n_anchors, n_candidates, anchors.shape[1])
+    queries, docs = anchors, candidates
+    if gather_across_devices and distributed.is_distributed(group):
+        # Local rows first: this rank's labels and positives keep their indices.
+        gathered = distributed.all_gather_with_grad(candidates, group)
+        docs = distributed.local_first(gathered, n_candidates, group)
+        if symmetric:
+            gathered = distributed.all_gather_with_grad(anchors, group)
+            queries = distributed.local_first(gathered, n_anchors, group)
+    budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], anchors.shape[1])
     loss, _, _ = similarity.contrastive_loss_op(
-        anchors, candidates, scale, labels, n_anchors, False, symmetric, False, False, True, False,
+        queries, docs, scale, labels, n_anchors, False, symmetric, False, False, True, False,
         implementation, budget,
     )  # fmt: skip
     if reduction == "mean":

@@ -31,5 +31,3 @@ st_modules = _first_module(
 st_util = importlib.import_module("sentence_transformers.util")
 
 cos_sim = st_util.cos_sim
-all_gather_with_grad = getattr(st_util, "all_gather_with_grad", None)
-get_rank = getattr(st_util, "get_rank", None)

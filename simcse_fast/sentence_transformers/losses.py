@@ -15,8 +15,9 @@ documents ``d`` (positives, then any hard negatives) and ``s = scale``, the dire
 
 ``partition_mode="joint"`` takes the log-sum-exp of the per-direction values (one softmax over
 all of them), ``"per_direction"`` their mean, and the loss is
-``mean_i(log_z_i - s cos(q_i, d_i))``. ``gather_across_devices`` gathers with gradients exactly
-as sentence-transformers does.
+``mean_i(log_z_i - s cos(q_i, d_i))``. ``gather_across_devices`` gathers with gradients as
+sentence-transformers does, through ``simcse_fast.distributed.all_gather_with_grad``
+(deterministic: no float atomics in its backward).
 
 What the fused path cannot express exactly — a ``similarity_fct`` other than cosine, or a
 ``hardness_mode`` with a positive strength — runs sentence-transformers' own computation, after
@@ -32,7 +33,8 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from ._compat import all_gather_with_grad, cos_sim, get_rank, st_losses
+from ..distributed import all_gather_with_grad, get_rank
+from ._compat import cos_sim, st_losses
 
 __all__ = [
     "CachedMultipleNegativesRankingLoss",
@@ -66,7 +68,7 @@ def fused_in_batch_negatives_loss(
     queries, docs = embeddings[0], list(embeddings[1:])
     batch_size = queries.shape[0]
     offset = 0
-    if gather_across_devices and all_gather_with_grad is not None:
+    if gather_across_devices:
         queries = all_gather_with_grad(queries)
         docs = [all_gather_with_grad(doc) for doc in docs]
         offset = get_rank() * batch_size
