@@ -7,6 +7,8 @@ Public API::
     sf.similarity_logsumexp(queries, keys, *, scale=20.0, exclude_diagonal=False, backend=None)  # -> (N,)
     sf.info_nce(anchors, candidates, *, labels=None, scale=20.0, symmetric=False,
                 reduction="mean", backend=None)                              # -> loss
+    sf.InfoNCELoss(scale=20.0, learnable_scale=False, symmetric=False,   # nn.Module:
+                   gather_across_devices=False, reduction="mean")          # (anchors, candidates, labels)
     sf.SimCSE(model_name_or_path, pooling="mean", max_seq_length=32)      # encoder + fused pooling
     sf.reference             # pure-PyTorch versions of every op: the specification
     sf.available_backends()  # e.g. ["torch", "triton"]
@@ -16,11 +18,13 @@ from . import reference
 from ._backends import BACKENDS, available_backends
 from .encoder import SimCSE
 from .functional import info_nce, masked_max_pool, masked_mean_pool, similarity_logsumexp
+from .modules import InfoNCELoss
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
+    "InfoNCELoss",
     "SimCSE",
     "available_backends",
     "info_nce",

@@ -18,7 +18,7 @@ POOLS = [sf.masked_mean_pool, sf.masked_max_pool]
 
 
 def test_public_names():
-    for name in ("masked_mean_pool", "masked_max_pool", "reference", "available_backends"):
+    for name in ("masked_mean_pool", "masked_max_pool", "reference", "available_backends", "InfoNCELoss"):
         assert hasattr(sf, name)
     for name in ("masked_mean_pool", "masked_max_pool", "similarity_logsumexp", "info_nce"):
         assert callable(getattr(sf.reference, name))

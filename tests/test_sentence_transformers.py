@@ -321,3 +321,48 @@ def test_gathered_negatives_match_sentence_transformers(options, generator, monk
     torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_parameter_scale_keeps_its_gradient(generator):
+    """A learnable scale (an nn.Parameter set as ``loss.scale``) gets the gradient
+    sentence-transformers gives it; ``float(scale)`` would silently detach it."""
+    columns = random_columns(3, generator)
+    grads = []
+    for loss_class in (losses.MultipleNegativesRankingLoss, st_losses.MultipleNegativesRankingLoss):
+        loss = loss_class(None)
+        loss.scale = torch.nn.Parameter(torch.tensor(12.0))
+        (grad,) = torch.autograd.grad(loss.compute_loss_from_embeddings(columns, None), loss.scale)
+        grads.append(grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "ours_class, theirs_class, kwargs",
+    [
+        (losses.MultipleNegativesRankingLoss, st_losses.MultipleNegativesRankingLoss, {}),
+        (
+            losses.CachedMultipleNegativesRankingLoss,
+            st_losses.CachedMultipleNegativesRankingLoss,
+            {"mini_batch_size": 3},
+        ),
+    ],
+    ids=["mnrl", "cached"],
+)
+def test_matryoshka_wraps_the_fused_losses(tiny_bert_dir, ours_class, theirs_class, kwargs):
+    """sentence-transformers' MatryoshkaLoss over the fused loss: the same loss and parameter
+    gradients as over sentence-transformers' own."""
+    model = make_model(tiny_bert_dir, models.Pooling)
+    columns = [SENTENCES, SENTENCES[::-1], SENTENCES[1:] + SENTENCES[:1]]
+    results = []
+    for loss_class in (ours_class, theirs_class):
+        loss = st_losses.MatryoshkaLoss(model, loss_class(model, **kwargs), matryoshka_dims=[32, 16, 8])
+        model.zero_grad()
+        value = loss([model.preprocess(column) for column in columns], torch.empty(0))
+        value.backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+        results.append((value.detach(), grads))
+    (ours_value, ours_grads), (theirs_value, theirs_grads) = results
+    torch.testing.assert_close(ours_value, theirs_value, rtol=1e-5, atol=1e-5)
+    assert ours_grads.keys() == theirs_grads.keys() and len(ours_grads) > 10
+    for name in ours_grads:
+        torch.testing.assert_close(ours_grads[name], theirs_grads[name], rtol=1e-4, atol=1e-5, msg=name)

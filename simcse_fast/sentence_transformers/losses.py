@@ -53,7 +53,7 @@ def _rotate_rows(x: Tensor, offset: int) -> Tensor:
 def fused_in_batch_negatives_loss(
     embeddings: list[Tensor],
     *,
-    scale: float,
+    scale: float | Tensor,
     directions=("query_to_doc",),
     partition_mode: str = "joint",
     gather_across_devices: bool = False,
@@ -106,7 +106,8 @@ def _warn_fallback(loss, reason: str) -> None:
 def _fused_options(loss, default_directions=("query_to_doc",), default_partition_mode="joint") -> dict:
     """The loss object's options (releases before ``directions`` existed use the defaults)."""
     return {
-        "scale": float(loss.scale),
+        # A tensor scale (an nn.Parameter, a learnable temperature) keeps its gradient.
+        "scale": loss.scale if isinstance(loss.scale, Tensor) else float(loss.scale),
         "directions": tuple(getattr(loss, "directions", default_directions)),
         "partition_mode": getattr(loss, "partition_mode", default_partition_mode),
         "gather_across_devices": bool(getattr(loss, "gather_across_devices", False)),
