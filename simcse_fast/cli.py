@@ -271,6 +271,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument(
         "--dev-sts", help="STS Benchmark or SICK file: evaluate at each checkpoint, keep the best"
     )
+    train_parser.add_argument(
+        "--mini-batch-size", type=int,
+        help="gradient caching: encode at most this many rows at a time (the loss sees the whole batch)",
+    )  # fmt: skip
+    train_parser.add_argument(
+        "--mini-batch-tokens", type=int,
+        help="gradient caching: at most this many tokens (rows x longest row) per mini-batch",
+    )  # fmt: skip
     train_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=run_train)

@@ -14,9 +14,11 @@ of epoch ``e`` is a permutation seeded by ``seed + e``, so the position is (epoc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import math
+import os
 import random
 import shutil
 import time
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from . import functional
 from .encoder import SimCSE
@@ -63,6 +66,8 @@ class TrainingConfig:
     dev_sts: str | None = None
     device: str | None = None
     show_progress_bar: bool = True
+    mini_batch_size: int | None = None
+    mini_batch_tokens: int | None = None
 
     def validate(self) -> None:
         positive = ("batch_size", "max_seq_length", "epochs", "checkpoint_steps", "keep_checkpoints")
@@ -73,8 +78,10 @@ class TrainingConfig:
             raise ValueError(
                 "batch_size must be at least 2: the other sentences of a batch are the negatives"
             )
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ValueError(f"max_steps must be a positive integer; got {self.max_steps!r}")
+        for name in ("max_steps", "mini_batch_size", "mini_batch_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive; got {self.temperature!r}")
         if not self.lr > 0:
@@ -152,13 +159,116 @@ def _save_checkpoint(folder: Path, state: dict, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def mini_batches(attention_mask: torch.Tensor, mini_batch_size=None, mini_batch_tokens=None) -> list[slice]:
+    """Contiguous row ranges of a tokenized batch for gradient caching: at most
+    ``mini_batch_size`` rows, and rows x (their longest length) at most ``mini_batch_tokens``
+    (a range holds at least one row whatever the budget); one range when both are None."""
+    rows = attention_mask.shape[0]
+    if mini_batch_size is None and mini_batch_tokens is None:
+        return [slice(0, rows)]
+    lengths = _used_lengths(attention_mask).tolist()
+    ranges, start = [], 0
+    while start < rows:
+        stop, longest = start + 1, lengths[start]
+        while stop < rows:
+            wider = max(longest, lengths[stop])
+            if mini_batch_size is not None and stop + 1 - start > mini_batch_size:
+                break
+            if mini_batch_tokens is not None and (stop + 1 - start) * wider > mini_batch_tokens:
+                break
+            stop, longest = stop + 1, wider
+        ranges.append(slice(start, stop))
+        start = stop
+    return ranges
+
+
+def _used_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per row, one past the last present position (the length for right padding)."""
+    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
+    return ((attention_mask != 0) * positions).amax(dim=1)
+
+
+def _rows_of(features: dict, rows: slice) -> dict:
+    """The features of ``rows`` without the trailing columns that are padding in all of them
+    (leading ones stay: removing them would shift the position ids of left-padded rows)."""
+    width = max(1, int(_used_lengths(features["attention_mask"][rows]).max()))
+    return {name: tensor[rows, :width] for name, tensor in features.items()}
+
+
+def _rng_state(device: torch.device):
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def _set_rng_state(state, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def cached_step(encode, features: dict, ranges: list[slice], loss_fn, *, no_sync=None) -> torch.Tensor:
+    """One step with gradient caching (GradCache): returns the loss, detached, after
+    accumulating the parameters' gradients.
+
+    (1) ``encode`` each row range of ``features`` without autograd, saving the random state
+    before each (dropout replays exactly); (2) ``loss_fn`` on all the embeddings, backward to
+    the embeddings only; (3) re-encode each range from its saved state and backpropagate its
+    slice of the embedding gradient. Activation memory is that of one range; the loss sees the
+    whole batch. ``no_sync``: a DistributedDataParallel model's ``no_sync``, so that gradients
+    are all-reduced once, after the last range.
+    """
+    device = features["attention_mask"].device
+    states, pieces = [], []
+    with torch.no_grad():
+        for rows in ranges:
+            states.append(_rng_state(device))
+            pieces.append(encode(_rows_of(features, rows)))
+    embeddings = torch.cat(pieces).requires_grad_()
+    loss = loss_fn(embeddings)
+    loss.backward()
+    for index, (rows, state) in enumerate(zip(ranges, states, strict=True)):
+        _set_rng_state(state, device)
+        last = index == len(ranges) - 1
+        with contextlib.nullcontext() if no_sync is None or last else no_sync():
+            encode(_rows_of(features, rows)).backward(embeddings.grad[rows])
+    return loss.detach()
+
+
+def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None]:
+    """``(rank, world size, device)``. Under torchrun (``WORLD_SIZE`` > 1) the process group is
+    initialized from its environment, gloo on CPUs and NCCL on GPUs (one per ``LOCAL_RANK``),
+    unless the caller already did."""
+    if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, config.device
+    wants_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if wants_cuda else "gloo")
+    device = config.device
+    if wants_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        device = f"cuda:{local_rank}"
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def train(config: TrainingConfig) -> dict:
     """Run (or resume) unsupervised SimCSE training; returns a summary (steps, last loss,
     best dev score, output folder). The final model is written to ``config.output`` as a
-    sentence-transformers folder, the best dev model (with ``dev_sts``) to ``output/best``."""
+    sentence-transformers folder, the best dev model (with ``dev_sts``) to ``output/best``.
+
+    Under ``torchrun --nproc_per_node K`` (or with a process group already initialized) each
+    process encodes its share of every batch of ``batch_size`` sentences (``batch_size`` must
+    be a multiple of K), negatives come from all processes (``gather_across_devices``),
+    DistributedDataParallel averages the gradients, and rank 0 alone writes checkpoints, the
+    model and the progress bar. ``mini_batch_size`` / ``mini_batch_tokens`` turn on gradient
+    caching (:func:`cached_step`)."""
     from tqdm.auto import tqdm
 
     config.validate()
+    rank, world, device = _init_distributed(config)
+    if config.batch_size % world:
+        raise ValueError(
+            f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({world})"
+        )
     sentences = read_sentences(config.sentences, config.min_chars)
     dev_pairs = read_sts_pairs(config.dev_sts) if config.dev_sts else None
     output = Path(config.output)
@@ -172,14 +282,21 @@ def train(config: TrainingConfig) -> dict:
                     f"{name}={saved['config'][name]!r}, "
                     f"this run asks for {getattr(config, name)!r}; use the same settings or a new --output"
                 )
+        if len(saved["random_states"]) != world:
+            raise ValueError(
+                f"--resume: the checkpoint in {checkpoint} was made by {len(saved['random_states'])} "
+                f"process(es), this run has {world}; resume with the same --nproc_per_node"
+            )
 
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002
     torch.manual_seed(config.seed)
     model = SimCSE(
         config.model, pooling=config.pooling, max_seq_length=config.max_seq_length, mlp_head=config.mlp_head,
-        backend=config.backend, device=config.device,
+        backend=config.backend, device=device,
     )  # fmt: skip
+    # Each process draws its own dropout masks; rank 0 draws what a single process would.
+    torch.manual_seed(config.seed + rank)
     steps_per_epoch = math.ceil(len(sentences) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     if config.max_steps is not None:
@@ -194,13 +311,30 @@ def train(config: TrainingConfig) -> dict:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         position, best_dev = saved["position"], saved["best_dev"]
-        _restore_random_states(saved["random_states"])
+        _restore_random_states(saved["random_states"][rank])
     use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
     model.train()
+    network = model
+    if world > 1:
+        # The encoder's pooler (and an unused MLP head) take no part in the loss.
+        network = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    caching = config.mini_batch_size is not None or config.mini_batch_tokens is not None
+
+    def encode(features):
+        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            return network(features, use_mlp_head=True)
+
+    def loss_fn(embeddings):
+        """Row i and row B + i (the two dropout views of sentence i) are positives."""
+        rows = embeddings.shape[0] // 2
+        return functional.info_nce(
+            embeddings[:rows], embeddings[rows:], scale=1.0 / config.temperature, backend=config.backend,
+            gather_across_devices=world > 1,
+        )  # fmt: skip
 
     last_loss = float("nan")
     bar = tqdm(total=total_steps, initial=position["step"], desc="SimCSE", unit="step",
-               disable=not config.show_progress_bar)  # fmt: skip
+               disable=not config.show_progress_bar or rank != 0)  # fmt: skip
     started, trained_sentences = time.perf_counter(), 0
     while position["step"] < total_steps:
         order = torch.randperm(
@@ -211,44 +345,79 @@ def train(config: TrainingConfig) -> dict:
                 position["batch"] * config.batch_size : (position["batch"] + 1) * config.batch_size
             ]
             position["batch"] += 1
-            if len(indices) < 2:  # a lone last sentence has no negatives
+            # Every process takes an equal share (the last batch of an epoch may lose up to
+            # world - 1 sentences); a lone sentence has no negatives.
+            usable = len(indices) - len(indices) % world
+            if usable < 2:
                 continue
-            batch = [sentences[index] for index in indices.tolist()]
+            share = usable // world
+            batch = [sentences[index] for index in indices[rank * share : (rank + 1) * share].tolist()]
             features = model.tokenize(batch)
             doubled = {name: torch.cat([tensor, tensor]) for name, tensor in features.items()}
-            with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                embeddings = model(doubled, use_mlp_head=True)
-            loss = functional.info_nce(
-                embeddings[: len(batch)], embeddings[len(batch) :], scale=1.0 / config.temperature,
-                backend=config.backend,
-            )  # fmt: skip
-            loss.backward()
+            if caching:
+                mask = doubled["attention_mask"]
+                ranges = mini_batches(mask, config.mini_batch_size, config.mini_batch_tokens)
+                loss = cached_step(
+                    encode, doubled, ranges, loss_fn, no_sync=network.no_sync if world > 1 else None
+                )
+            else:
+                loss = loss_fn(encode(doubled))
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             position["step"] += 1
+            loss = loss.detach()
+            if world > 1:
+                dist.all_reduce(loss)  # the mean over processes: the loss of the whole batch
+                loss /= world
             last_loss = loss.item()
-            trained_sentences += len(batch)
+            trained_sentences += usable
             rate = trained_sentences / (time.perf_counter() - started)
-            bar.set_postfix(loss=f"{last_loss:.4f}", sentences_per_s=f"{rate:.1f}")
+            postfix = {"loss": f"{last_loss:.4f}", "sentences_per_s": f"{rate:.1f}"}
+            if model.device.type == "cuda":
+                postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB"
+            bar.set_postfix(postfix)
             bar.update()
             if position["step"] % config.checkpoint_steps == 0 or position["step"] == total_steps:
-                if dev_pairs is not None:
-                    score = evaluate_sts(model, dev_pairs)
-                    bar.write(f"step {position['step']}: dev Spearman x100 = {score:.2f}")
-                    if best_dev is None or score > best_dev:
-                        best_dev = score
-                        model.save(output / "best")
-                _save_checkpoint(
-                    output / "checkpoints" / f"step-{position['step']}",
-                    {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "random_states": _random_states(),
-                     "position": dict(position), "best_dev": best_dev, "config": dataclasses.asdict(config)},
-                    config.keep_checkpoints,
-                )  # fmt: skip
+                best_dev = _checkpoint(
+                    model, optimizer, scheduler, position, best_dev, config, dev_pairs, bar, rank, world
+                )
         if position["batch"] >= steps_per_epoch:
             position = {"epoch": position["epoch"] + 1, "batch": 0, "step": position["step"]}
     bar.close()
-    model.save(output)
+    if rank == 0:
+        model.save(output)
+    if world > 1:
+        dist.barrier()
     return {"steps": position["step"], "last_loss": last_loss, "best_dev": best_dev, "output": str(output)}
+
+
+def _checkpoint(model, optimizer, scheduler, position, best_dev, config, dev_pairs, bar, rank, world):
+    """Dev evaluation (rank 0) and an atomic checkpoint holding every process's random states;
+    returns the best dev score so far (the same on every process)."""
+    output = Path(config.output)
+    random_states = [_random_states()]
+    if world > 1:
+        random_states = [None] * world
+        dist.all_gather_object(random_states, _random_states())
+    if rank == 0:
+        if dev_pairs is not None:
+            score = evaluate_sts(model, dev_pairs)
+            bar.write(f"step {position['step']}: dev Spearman x100 = {score:.2f}")
+            if best_dev is None or score > best_dev:
+                best_dev = score
+                model.save(output / "best")
+        _save_checkpoint(
+            output / "checkpoints" / f"step-{position['step']}",
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "random_states": random_states,
+             "position": dict(position), "best_dev": best_dev, "config": dataclasses.asdict(config)},
+            config.keep_checkpoints,
+        )  # fmt: skip
+    if world > 1:
+        shared = [best_dev]
+        dist.broadcast_object_list(shared, src=0)
+        best_dev = shared[0]
+    return best_dev

@@ -1,0 +1,152 @@
+"""Gradient caching in ``simcse-fast train``: the same step as without it (dropout off), an exact
+replay of every mini-batch's dropout (dropout on), and resume to the bitwise same weights."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from inputs import SENTENCES
+
+import simcse_fast as sf
+from simcse_fast import training
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def tiny_bert_without_dropout(tiny_bert_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = transformers.BertModel.from_pretrained(tiny_bert_dir)
+    model.config.hidden_dropout_prob = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def sentences_file(tmp_path):
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES + [s + " by the tree" for s in SENTENCES]) + "\n")
+    return path
+
+
+def config(model_dir, sentences_file, output, **overrides):
+    options = {
+        "sentences": str(sentences_file), "output": str(output), "model": str(model_dir), "batch_size": 4,
+        "max_seq_length": 16, "max_steps": 3, "checkpoint_steps": 2, "lr": 1e-3, "device": "cpu",
+        "show_progress_bar": False, "mlp_head": True,
+    }  # fmt: skip
+    options.update(overrides)
+    return training.TrainingConfig(**options)
+
+
+def weights(folder) -> dict:
+    return {name: p.detach().clone() for name, p in sf.SimCSE(str(folder), device="cpu").named_parameters()}
+
+
+@pytest.mark.parametrize("mini_batch_size", [1, 3, 8, 13], ids=lambda m: f"m={m}")
+def test_cached_training_equals_uncached_without_dropout(
+    tiny_bert_without_dropout, sentences_file, tmp_path, mini_batch_size
+):
+    """Batch 4 is 8 encoded rows: mini-batches of 1, 3, all 8 and more than 8 rows."""
+    training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "plain"))
+    training.train(
+        config(
+            tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_size=mini_batch_size
+        )
+    )
+    plain, cached = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    assert plain.keys() == cached.keys()
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_token_budget_equals_uncached_without_dropout(tiny_bert_without_dropout, sentences_file, tmp_path):
+    training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "plain"))
+    training.train(
+        config(tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_tokens=20)
+    )
+    plain, cached = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    for name in plain:
+        torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_dropout_replays_exactly_and_the_step_equals_a_non_cached_reference(tiny_bert_dir):
+    """Dropout on: each mini-batch's replay reproduces its first-pass embeddings bitwise, and
+    the parameter gradients equal those of encoding each mini-batch with autograd under the
+    same random states (a non-cached step that draws the same masks)."""
+    model = sf.SimCSE(str(tiny_bert_dir), mlp_head=True, device="cpu")
+    model.train()
+    features = model.tokenize(SENTENCES + SENTENCES[::-1])
+    ranges = training.mini_batches(features["attention_mask"], mini_batch_size=5)
+    assert [r.stop - r.start for r in ranges] == [5, 5, 5, 1]
+
+    def loss_fn(embeddings):
+        return sf.info_nce(embeddings[:8], embeddings[8:], scale=20.0)
+
+    recorded = []
+
+    def encode(part):
+        out = model(part, use_mlp_head=True)
+        recorded.append((torch.is_grad_enabled(), out.detach().clone()))
+        return out
+
+    torch.manual_seed(7)
+    loss = training.cached_step(encode, features, ranges, loss_fn)
+    first_pass, replays = recorded[: len(ranges)], recorded[len(ranges) :]
+    assert [grad for grad, _ in first_pass] == [False] * len(ranges)
+    assert [grad for grad, _ in replays] == [True] * len(ranges)
+    for (_, first), (_, replay) in zip(first_pass, replays, strict=True):
+        assert torch.equal(first, replay)
+    cached_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    model.zero_grad()
+    torch.manual_seed(7)
+    parts = [model(training._rows_of(features, rows), use_mlp_head=True) for rows in ranges]
+    reference_loss = loss_fn(torch.cat(parts))
+    reference_loss.backward()
+    torch.testing.assert_close(loss, reference_loss.detach())
+    assert len(cached_grads) > 10
+    for name, grad in cached_grads.items():
+        torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_run_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp_path, monkeypatch):
+    make = functools.partial(config, tiny_bert_dir, sentences_file, max_steps=6, epochs=2, mini_batch_size=3)
+    training.train(make(tmp_path / "straight"))
+    save_checkpoint = training._save_checkpoint
+
+    def interrupt_after_step_4(folder, state, keep):
+        save_checkpoint(folder, state, keep)
+        if state["position"]["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", interrupt_after_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(make(tmp_path / "resumed"))
+    monkeypatch.undo()
+    training.train(make(tmp_path / "resumed", resume=True))
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
+
+
+def test_mini_batches_respect_both_budgets():
+    mask = torch.tensor([[1] * 6 + [0] * 2, [1] * 2 + [0] * 6, [1] * 8, [1] * 3 + [0] * 5, [1] * 1 + [0] * 7])
+    assert training.mini_batches(mask) == [slice(0, 5)]
+    assert training.mini_batches(mask, mini_batch_size=2) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    # rows x longest: [6, 2] -> 12 <= 16, adding 8 would be 24; [8, 3] -> 16, adding 1 would be 24.
+    assert training.mini_batches(mask, mini_batch_tokens=16) == [slice(0, 2), slice(2, 4), slice(4, 5)]
+    assert training.mini_batches(mask, mini_batch_tokens=1) == [slice(i, i + 1) for i in range(5)]
+    assert training.mini_batches(mask, mini_batch_size=3, mini_batch_tokens=100) == [slice(0, 3), slice(3, 5)]
+    features = {"attention_mask": mask, "input_ids": torch.arange(40).reshape(5, 8)}
+    assert training._rows_of(features, slice(3, 5))["input_ids"].shape == (2, 3)
+
+
+@pytest.mark.parametrize("name", ["mini_batch_size", "mini_batch_tokens"])
+def test_bad_mini_batch_settings(tiny_bert_dir, sentences_file, tmp_path, name):
+    with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
+        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", **{name: 0}))
