@@ -160,6 +160,8 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted; continue with the same command and --resume (checkpoints in {args.output})")
         return 130
+    if summary["rank"] != 0:
+        return 0  # under torchrun, rank 0 reports for all
     best = "" if summary["best_dev"] is None else f", best dev Spearman x100 {summary['best_dev']:.2f}"
     print(f"trained {summary['steps']} steps, last loss {summary['last_loss']:.4f}{best}")
     print(f"model saved to {summary['output']}")

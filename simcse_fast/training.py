@@ -233,21 +233,22 @@ def cached_step(encode, features: dict, ranges: list[slice], loss_fn, *, no_sync
     return loss.detach()
 
 
-def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None]:
-    """``(rank, world size, device)``. Under torchrun (``WORLD_SIZE`` > 1) the process group is
-    initialized from its environment, gloo on CPUs and NCCL on GPUs (one per ``LOCAL_RANK``),
-    unless the caller already did."""
+def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None, bool]:
+    """``(rank, world size, device, created)``. Under torchrun (``WORLD_SIZE`` > 1) the process
+    group is initialized from its environment (``created``), gloo on CPUs and NCCL on GPUs (one
+    per ``LOCAL_RANK``), unless the caller already did."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, config.device
+        return 0, 1, config.device, False
     wants_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if not dist.is_initialized():
+    created = not dist.is_initialized()
+    if created:
         dist.init_process_group("nccl" if wants_cuda else "gloo")
     device = config.device
     if wants_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
-    return dist.get_rank(), dist.get_world_size(), device
+    return dist.get_rank(), dist.get_world_size(), device, created
 
 
 def train(config: TrainingConfig) -> dict:
@@ -260,11 +261,19 @@ def train(config: TrainingConfig) -> dict:
     be a multiple of K), negatives come from all processes (``gather_across_devices``),
     DistributedDataParallel averages the gradients, and rank 0 alone writes checkpoints, the
     model and the progress bar. ``mini_batch_size`` / ``mini_batch_tokens`` turn on gradient
-    caching (:func:`cached_step`)."""
+    caching (:func:`cached_step`). The summary's ``rank`` says which process returned it."""
+    config.validate()
+    rank, world, device, created = _init_distributed(config)
+    try:
+        return _train(config, rank, world, device)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     from tqdm.auto import tqdm
 
-    config.validate()
-    rank, world, device = _init_distributed(config)
     if config.batch_size % world:
         raise ValueError(
             f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({world})"
@@ -391,7 +400,8 @@ def train(config: TrainingConfig) -> dict:
         model.save(output)
     if world > 1:
         dist.barrier()
-    return {"steps": position["step"], "last_loss": last_loss, "best_dev": best_dev, "output": str(output)}
+    return {"steps": position["step"], "last_loss": last_loss, "best_dev": best_dev, "output": str(output),
+            "rank": rank}  # fmt: skip
 
 
 def _checkpoint(model, optimizer, scheduler, position, best_dev, config, dev_pairs, bar, rank, world):

@@ -4,6 +4,10 @@ replay of every mini-batch's dropout (dropout on), and resume to the bitwise sam
 from __future__ import annotations
 
 import functools
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +154,47 @@ def test_mini_batches_respect_both_budgets():
 def test_bad_mini_batch_settings(tiny_bert_dir, sentences_file, tmp_path, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
         training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", **{name: 0}))
+
+
+def torchrun_train(processes: int, *args: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node P simcse-fast train ...`` (gloo on CPU)."""
+    script = shutil.which("simcse-fast") or str(Path(sys.executable).with_name("simcse-fast"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+               "--no-python", script, "train", *args]  # fmt: skip
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sentences_file, tmp_path):
+    """Dropout off, the same global batch of 4: two processes (2 sentences each, negatives
+    gathered from both, DDP averaging) train like one process. The runs differ only in fp32
+    summation order (all-reduce, gathered loss); AdamW divides each gradient by its own
+    magnitude, so for the few weights whose gradient is near its eps (1e-8) that round-off moves
+    an update by a few percent of lr (measured: 1.9e-5 with lr 1e-3), hence atol 5e-5."""
+    common = [
+        "--model", str(tiny_bert_without_dropout), "--batch-size", "4", "--max-seq-length", "16",
+        "--max-steps", "3", "--checkpoint-steps", "2", "--lr", "1e-3", "--device", "cpu", "--no-progress",
+        "--mlp-head",
+    ]  # fmt: skip
+    completed = torchrun_train(2, str(sentences_file), "--output", str(tmp_path / "ddp"), *common)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
+    single_run = training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "single"))
+    assert f"last loss {single_run['last_loss']:.4f}" in completed.stdout
+    single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    for name in single:
+        torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=5e-5, msg=name)
+    state_file = tmp_path / "ddp" / "checkpoints" / "step-3" / training.CHECKPOINT_FILE
+    assert len(torch.load(state_file, weights_only=False)["random_states"]) == 2
+    with pytest.raises(ValueError, match=r"made by 2 process\(es\), this run has 1"):
+        training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "ddp", resume=True))
+
+
+def test_torchrun_with_gradient_caching(tiny_bert_dir, sentences_file, tmp_path):
+    """Dropout on, two processes, mini-batches of 3 rows: the run finishes and writes one model."""
+    completed = torchrun_train(
+        2, str(sentences_file), "--output", str(tmp_path / "run"), "--model", str(tiny_bert_dir),
+        "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--no-progress", "--mini-batch-size", "3",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert (tmp_path / "run" / "modules.json").exists()
+    assert sf.SimCSE(str(tmp_path / "run"), device="cpu").encode(SENTENCES).shape == (len(SENTENCES), 32)
