@@ -147,7 +147,8 @@ def main() -> None:
     )
     lines = [
         f"One SimCSE step, BERT hidden 128 x 2 layers, 32 tokens, mini-batches of "
-        f"{args.mini_batch_size} rows (cached); {name}; torch {torch.__version__}; commit {bench.git_commit()}",
+        f"{args.mini_batch_size} rows (cached); {name}; torch {torch.__version__}; "
+        f"commit {bench.git_commit()}",
         "",
         "| batch | implementation | seconds | peak extra MB |",
         "| ---: | --- | ---: | ---: |",
