@@ -64,6 +64,7 @@ def worker(folder: str, implementation: str, batch: int, mini_batch_size: int) -
         transformer = st_modules.Transformer(folder, max_seq_length=32)
         pooling = st_modules.Pooling(transformer.get_embedding_dimension(), pooling_mode="mean")
         model = SentenceTransformer(modules=[transformer, pooling], device=str(device))
+        model.train()  # dropout on, as in every training step here
         loss_fn = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size)
 
         def step():

@@ -4,9 +4,12 @@ clamped like CLIP's, bad arguments are refused by name."""
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from inputs import SENTENCES
 
 import simcse_fast as sf
 from simcse_fast import reference
@@ -73,3 +76,63 @@ def test_state_dict_round_trip_and_repr():
 def test_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         sf.InfoNCELoss(**kwargs)
+
+
+def readme_block(containing: str) -> str:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+    (block,) = [block for block in blocks if containing in block]
+    return block
+
+
+def tiny_encoder(tiny_bert_dir):
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoModel.from_pretrained(tiny_bert_dir), transformers.AutoTokenizer.from_pretrained(
+        tiny_bert_dir
+    )
+
+
+def test_readme_training_loop_runs(tiny_bert_dir):
+    encoder, tokenizer = tiny_encoder(tiny_bert_dir)
+
+    def encode(features):
+        hidden = encoder(**features).last_hidden_state
+        return sf.masked_mean_pool(hidden, features["attention_mask"])
+
+    def tokenized(sentences):
+        return tokenizer(sentences, padding=True, return_tensors="pt")
+
+    loader = [
+        (tokenized(SENTENCES[:4]), tokenized(SENTENCES[4:])),
+        (tokenized(SENTENCES[::2]), tokenized(SENTENCES[1::2])),
+    ]
+    block = readme_block("for queries, documents in loader").replace('.to("cuda")', "")
+    namespace = {"encoder": encoder, "encode": encode, "loader": loader}
+    exec(block, namespace)
+    assert (
+        namespace["loss"].isfinite() and namespace["criterion"].log_scale.grad is None
+    )  # zeroed after the step
+    assert namespace["criterion"].scale.item() != pytest.approx(20.0)  # the scale was trained
+
+
+def test_readme_trainer_override_runs(tiny_bert_dir, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    transformers = pytest.importorskip("transformers")
+    encoder, tokenizer = tiny_encoder(tiny_bert_dir)
+    columns = {}
+    for prefix, sentences in (("anchor_", SENTENCES), ("positive_", SENTENCES[::-1])):
+        tokens = tokenizer(sentences, padding="max_length", max_length=12)
+        columns.update({prefix + key: value for key, value in tokens.items()})
+    namespace = {}
+    exec(readme_block("class ContrastiveTrainer"), namespace)
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
+        remove_unused_columns=False, save_strategy="no", logging_steps=1,
+    )  # fmt: skip
+    before = encoder.embeddings.word_embeddings.weight.detach().clone()
+    trainer = namespace["ContrastiveTrainer"](
+        model=encoder, args=arguments, train_dataset=datasets.Dataset.from_dict(columns)
+    )
+    result = trainer.train()
+    assert result.global_step == 2 and math.isfinite(result.training_loss)
+    assert not torch.equal(before, encoder.embeddings.word_embeddings.weight)
