@@ -198,3 +198,24 @@ def test_torchrun_with_gradient_caching(tiny_bert_dir, sentences_file, tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert (tmp_path / "run" / "modules.json").exists()
     assert sf.SimCSE(str(tmp_path / "run"), device="cpu").encode(SENTENCES).shape == (len(SENTENCES), 32)
+
+
+def test_torchrun_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp_path):
+    """Two processes, dropout on: a run stopped after its step-2 checkpoint (its later files
+    removed) and resumed with --resume ends with the uninterrupted run's weights, bitwise: each
+    process gets its own random state back."""
+    common = [
+        str(sentences_file), "--model", str(tiny_bert_dir), "--batch-size", "4", "--max-steps", "4",
+        "--checkpoint-steps", "2", "--device", "cpu", "--no-progress", "--mini-batch-size", "3",
+    ]  # fmt: skip
+    completed = torchrun_train(2, *common, "--output", str(tmp_path / "straight"))
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "step-4")
+    for saved_model in ("model.safetensors", "modules.json"):
+        (tmp_path / "resumed" / saved_model).unlink()
+    completed = torchrun_train(2, *common, "--output", str(tmp_path / "resumed"), "--resume")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    for name in straight:
+        assert torch.equal(straight[name], resumed[name]), name
