@@ -59,12 +59,11 @@ writes ``W``; on the torch path, plain tensor ops), and the heavy products go to
     U_rows[chunk] += W @ unit(cols),   U_cols += W^T @ unit(rows[chunk])
 
 into one fp32 ``(rows, D)`` buffer per input. The normalization backward is then the projection
-``dx_i = (s / c) a_i (U_i - [|x_i| > eps] <x^_i, U_i> x^_i)`` and
-``ds = (1 / 2c) sum_inputs sum_i <x^_i, U_i>`` (each entry of ``W cos`` is seen once from its row
-and once from its column): the row and column sums of ``W cos`` come out of the GEMM results, so
-the kernel writes nothing but ``W`` (no partial-sum buffers, no second output). No float atomics
-anywhere: bitwise deterministic, duplicate labels included (a positive is an entry of ``W``, not
-a scatter).
+``dx_i = (s / c) a_i (U_i - [|x_i| > eps] <x^_i, U_i> x^_i)``: the row and column sums of
+``W cos`` it needs come out of the GEMM results, so the kernel writes no partial-sum buffers for
+them. ``ds = (1 / c) sum W cos`` is summed in fp32 from the unrounded ``W`` (one float per tile,
+added in a fixed order), only when the scale needs a gradient. No float atomics anywhere: bitwise
+deterministic, duplicate labels included (a positive is an entry of ``W``, not a scatter).
 
 Memory: beyond the inputs, their gradients and O((Nq + Nd) D) buffers, one chunk of ``W`` and its
 temporaries, sized by a byte budget (default: the size of the fp32 buffers, at least
@@ -152,7 +151,7 @@ def _lse_partial_kernel(
     col_begin = split * keys_per_split
     col_end = tl.minimum(col_begin + keys_per_split, n_keys)
     scale = tl.load(scale_ptr).to(tl.float32)
-    row_factor = scale * tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0)
+    inv_norm_q = tl.load(inv_norm_q_ptr + rows, mask=row_in, other=0.0)
     if POSITIVE == 2:
         # int32 compares on the tile: labels index keys, fewer than 2**31.
         positive_cols = tl.load(labels_ptr + rows, mask=row_in, other=-1).to(tl.int32)
@@ -171,7 +170,7 @@ def _lse_partial_kernel(
             BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
         inv_norm_k = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
-        logits = row_factor[:, None] * dots * inv_norm_k[None, :]
+        logits = scale * (inv_norm_q[:, None] * dots * inv_norm_k[None, :])
         valid = col_in[None, :]
         if EXCLUDE:
             valid = valid & ((cols % exclude_period)[None, :] != rows[:, None])
@@ -203,9 +202,10 @@ def _lse_partial_kernel(
 def _gradient_weights_kernel(
     x_ptr, y_ptr, inv_norm_x_ptr, inv_norm_y_ptr, scale_ptr,
     row_lse_ptr, row_weight_ptr, col_lse_ptr, col_weight_ptr, positive_value_ptr, labels_ptr, w_ptr,
-    n_rows, n_cols, n_col_terms, dim, stride_x, stride_y, stride_w, first_row, exclude_period,
+    w_cos_ptr, n_rows, n_cols, n_col_terms, dim, stride_x, stride_y, stride_w, first_row, exclude_period,
     ROW_TERMS: tl.constexpr, COL_TERMS: tl.constexpr, POSITIVE: tl.constexpr, EXCLUDE: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One ``(BLOCK_R, BLOCK_C)`` tile of the logit-gradient weights ``W`` (module docstring) of
     rows ``x[0 : n_rows]`` (global row index ``first_row + r``) against ``y[0 : n_cols]``, formed
@@ -216,7 +216,8 @@ def _gradient_weights_kernel(
     except at a row's positive (``POSITIVE`` 1: ``c == first_row + r``; 2: ``c == labels[r]``),
     which takes the row's precomputed fp32 ``positive_value``, and at the columns left out
     (``EXCLUDE``: ``c mod exclude_period == first_row + r``), which are 0. Row arrays are indexed
-    by ``r``, column arrays by ``c``.
+    by ``r``, column arrays by ``c``. ``SCALE_GRAD``: the tile's ``sum W_rc cos_rc`` in fp32, before
+    ``W`` is rounded, goes to ``w_cos[program]`` (``d scale`` without the rounding of ``W``).
     """
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -227,8 +228,8 @@ def _gradient_weights_kernel(
     )
     inv_norm_x = tl.load(inv_norm_x_ptr + r, mask=r_in, other=0.0)
     inv_norm_y = tl.load(inv_norm_y_ptr + c, mask=c_in, other=0.0)
-    row_factor = tl.load(scale_ptr).to(tl.float32) * inv_norm_x
-    logits = row_factor[:, None] * dots * inv_norm_y[None, :]
+    cos = inv_norm_x[:, None] * dots * inv_norm_y[None, :]
+    logits = tl.load(scale_ptr).to(tl.float32) * cos
     weights = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     if ROW_TERMS:
         row_lse = tl.load(row_lse_ptr + r, mask=r_in, other=0.0)
@@ -251,6 +252,9 @@ def _gradient_weights_kernel(
     if EXCLUDE:
         valid = valid & ((c % exclude_period)[None, :] != global_rows[:, None])
     weights = tl.where(valid, weights, 0.0)
+    if SCALE_GRAD:
+        program = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(w_cos_ptr + program, tl.sum(tl.sum(weights * cos, axis=1), axis=0))
     out = w_ptr + r.to(tl.int64)[:, None] * stride_w + c[None, :]
     tl.store(out, weights.to(w_ptr.dtype.element_ty), mask=r_in[:, None] & c_in[None, :])
 
@@ -397,11 +401,10 @@ class _Side:
             return dots if out is None else out.copy_(dots)
         return torch.matmul(self.unit32[rows], other.unit32[:n_cols].T, out=out)
 
-    def gradient(self, factor: Tensor) -> tuple[Tensor, Tensor]:
-        """``(dx, sum_i <x^_i, U_i>)``: the gradient through ``x / max(|x|, eps)`` from the
-        accumulated ``U`` times ``factor`` (the scale over ``W``'s scaling), cast once to
-        ``x.dtype``. Works in place on ``U``: the epilogue adds no (rows, D) buffer but the fp32
-        unit rows."""
+    def gradient(self, factor: Tensor) -> Tensor:
+        """The gradient through ``x / max(|x|, eps)`` from the accumulated ``U`` times ``factor``
+        (the scale over ``W``'s scaling), cast once to ``x.dtype``. Works in place on ``U``: the
+        epilogue adds no (rows, D) buffer but the fp32 unit rows."""
         self.__dict__.pop("unit", None)  # the GEMM operand is no longer needed
         unit, acc = self.unit32, self.grad_acc
         radial = torch.linalg.vecdot(unit, acc)
@@ -409,7 +412,7 @@ class _Side:
         projected = torch.where(self.inv_norm < 1.0 / NORM_EPS, radial, torch.zeros_like(radial))
         acc.addcmul_(unit, projected[:, None], value=-1.0).mul_(factor * self.inv_norm[:, None])
         # Contiguous whatever the padding or the input's layout: the fake kernel promises it.
-        return acc[:, : self.dim].to(self.x.dtype).contiguous(), radial.sum()
+        return acc[:, : self.dim].to(self.x.dtype).contiguous()
 
 
 def _exclusion_mask(global_rows: Tensor, n_cols: int, period: int) -> Tensor:
@@ -539,7 +542,7 @@ class _Block:
         return 1 if self.labels is None else 2
 
 
-def _triton_weights(block: _Block, start: int, stop: int, scale: Tensor, out: Tensor) -> Tensor:
+def _triton_weights(block: _Block, start: int, stop: int, scale: Tensor, out: Tensor, scale_grad: bool):
     config = SIMILARITY_CONFIGS["weights", block.rows.x.element_size()]
     n_rows = stop - start
     weights = out[: n_rows * block.n_cols].view(n_rows, block.n_cols)
@@ -550,24 +553,25 @@ def _triton_weights(block: _Block, start: int, stop: int, scale: Tensor, out: Te
         return inv_x if tensor is None else tensor[start:stop]
 
     grid = (triton.cdiv(n_rows, config.block_rows), triton.cdiv(block.n_cols, config.block_cols))
+    w_cos = torch.empty(grid[0] * grid[1] if scale_grad else 0, dtype=torch.float32, device=x.device)
     _gradient_weights_kernel[grid](
         x, block.cols.x, inv_x, block.cols.inv_norm, scale,
         rows_of(block.row_lse), rows_of(block.row_weight),
         inv_x if block.col_lse is None else block.col_lse,
         inv_x if block.col_weight is None else block.col_weight,
-        rows_of(block.positive_value), rows_of(block.labels), weights,
+        rows_of(block.positive_value), rows_of(block.labels), weights, w_cos if scale_grad else inv_x,
         n_rows, block.n_cols, block.n_col_terms, x.shape[1], x.stride(0), block.cols.x.stride(0),
         weights.stride(0), block.row_start + start, max(block.exclude_period, 1),
         ROW_TERMS=block.row_lse is not None, COL_TERMS=block.col_lse is not None,
-        POSITIVE=block.positive_mode, EXCLUDE=block.exclude_period > 0,
+        POSITIVE=block.positive_mode, EXCLUDE=block.exclude_period > 0, SCALE_GRAD=scale_grad,
         BLOCK_R=config.block_rows, BLOCK_C=config.block_cols, BLOCK_D=config.block_d,
         DOT_PRECISION=_dot_precision(x.dtype), num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return weights
+    return weights, (w_cos.sum() if scale_grad else None)
 
 
-def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor) -> Tensor:
-    """The same ``W`` as ``_gradient_weights_kernel``, in PyTorch ops."""
+def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor, scale_grad: bool):
+    """The same ``W`` (and ``sum W cos``) as ``_gradient_weights_kernel``, in PyTorch ops."""
     rows = slice(block.row_start + start, block.row_start + stop)
     if block.cached_cos is not None:
         cos = block.cached_cos[start:stop]
@@ -591,13 +595,15 @@ def _torch_weights(block: _Block, start: int, stop: int, scale: Tensor) -> Tenso
     if block.exclude_period:
         global_rows = torch.arange(rows.start, rows.stop, device=cos.device)
         weights.masked_fill_(_exclusion_mask(global_rows, block.n_cols, block.exclude_period), 0.0)
-    return weights.to(block.rows.x.dtype)
+    w_cos = torch.vdot(weights.reshape(-1), cos.reshape(-1)) if scale_grad else None
+    return weights.to(block.rows.x.dtype), w_cos
 
 
-def _accumulate_block(block: _Block, scale: Tensor, implementation: str, budget: int) -> None:
-    """``U_rows += W @ unit(cols)`` and ``U_cols += W^T @ unit(rows)``, a chunk of rows at a time."""
+def _accumulate_block(block: _Block, scale: Tensor, implementation: str, budget: int, scale_grad: bool):
+    """``U_rows += W @ unit(cols)`` and ``U_cols += W^T @ unit(rows)``, a chunk of rows at a time;
+    returns ``sum W cos`` in fp32 (for ``d scale``) when ``scale_grad``, else None."""
     if block.n_rows == 0 or block.n_cols == 0:
-        return
+        return None
     element = block.rows.x.element_size()
     temporaries = 0 if implementation == "triton" else 12  # fp32 cosines or logits, column terms
     step = _budget_rows(budget, block.n_cols * (element + temporaries), block.n_rows)
@@ -605,15 +611,18 @@ def _accumulate_block(block: _Block, scale: Tensor, implementation: str, budget:
     if implementation == "triton":
         buffer = block.rows.x.new_empty(step * block.n_cols)
     cols_unit = block.cols.unit[: block.n_cols]
+    w_cos = []
     for start in range(0, block.n_rows, step):
         stop = min(start + step, block.n_rows)
         if implementation == "triton":
-            weights = _triton_weights(block, start, stop, scale, buffer)
+            weights, chunk_w_cos = _triton_weights(block, start, stop, scale, buffer, scale_grad)
         else:
-            weights = _torch_weights(block, start, stop, scale)
+            weights, chunk_w_cos = _torch_weights(block, start, stop, scale, scale_grad)
+        w_cos.append(chunk_w_cos)
         rows = slice(block.row_start + start, block.row_start + stop)
         block.rows.grad_acc[rows] += _matmul_fp32(weights, cols_unit)
         block.cols.grad_acc[: block.n_cols] += _matmul_fp32(weights.T, block.rows.unit[rows])
+    return torch.stack(w_cos).sum() if scale_grad else None
 
 
 # The op: forward log-sum-exps, loss, and the backward through the blocks of W.
@@ -871,22 +880,24 @@ def contrastive_loss_backward_op(
     grad_loss: Tensor, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None,
     stats: Tensor, cache: Tensor, n_local: int, query_to_query: bool, doc_to_query: bool,
     doc_to_doc: bool, joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str,
-    budget: int,
+    budget: int, scale_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients of :func:`contrastive_loss_op`'s per-row loss in queries, docs and scale."""
+    """Gradients of :func:`contrastive_loss_op`'s per-row loss in queries, docs and scale (zero
+    unless ``scale_grad``: ``sum W cos`` costs a pass over ``W`` on the torch path)."""
     q, d, scale32 = _Side(queries), _Side(docs), _scale32(scale)
     directions = _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
     lse, negative_lse = _split_stats(stats, directions)
     grad = grad_loss.float()
     weight_scale = _weight_scale(lse, negative_lse, directions, grad, joint)
     scaled_grad = (grad * weight_scale).contiguous()
+    w_cos = torch.zeros((), dtype=torch.float32, device=queries.device)
     for block in _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint):
-        _accumulate_block(block, scale32, implementation, budget)
+        block_w_cos = _accumulate_block(block, scale32, implementation, budget, scale_grad)
+        if block_w_cos is not None:
+            w_cos = w_cos + block_w_cos
     factor = scale32 / weight_scale
-    grad_queries, radial_queries = q.gradient(factor)
-    grad_docs, radial_docs = d.gradient(factor)
-    grad_scale = (radial_queries + radial_docs) / (2 * weight_scale)
-    return grad_queries, grad_docs, grad_scale.reshape(scale.shape).to(scale.dtype)
+    grad_scale = (w_cos / weight_scale).reshape(scale.shape).to(scale.dtype)
+    return q.gradient(factor), d.gradient(factor), grad_scale
 
 
 @contrastive_loss_backward_op.register_fake
@@ -914,7 +925,7 @@ def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_cache):
     grads = contrastive_loss_backward_op(
         grad_loss, queries, docs, scale, labels, stats, cache, flags["n_local"], flags["query_to_query"],
         flags["doc_to_query"], flags["doc_to_doc"], flags["joint"], flags["with_positive"],
-        flags["exclude_diagonal"], flags["implementation"], flags["budget"],
+        flags["exclude_diagonal"], flags["implementation"], flags["budget"], ctx.needs_input_grad[2],
     )  # fmt: skip
     return *grads, None, None, None, None, None, None, None, None, None, None
 

@@ -9,6 +9,7 @@ facts read off the PTX.
 from __future__ import annotations
 
 import importlib
+import itertools
 import json
 import os
 import re
@@ -156,8 +157,10 @@ def similarity_cases():
                 {"q_ptr": dtype, "k_ptr": dtype, "labels_ptr": "i64"}, {**flags, **blocks, **precision},
                 forward.num_warps, aligned=True, int64_strides=False, num_stages=forward.num_stages,
             )  # fmt: skip
-        for row_terms, col_terms, positive, exclude in weights_flags:
+        for flag_set, scale_grad in itertools.product(weights_flags, (False, True)):
+            row_terms, col_terms, positive, exclude = flag_set
             flags = {"ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude}
+            flags["SCALE_GRAD"] = scale_grad
             blocks = {"BLOCK_R": weights.block_rows, "BLOCK_C": weights.block_cols}
             blocks["BLOCK_D"] = weights.block_d
             yield make_case(

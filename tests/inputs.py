@@ -66,7 +66,10 @@ SENTENCES = [
 """Sentences in the tiny BERT's vocabulary (conftest.tiny_bert_dir)."""
 
 
-EAGER_RULE_ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+EAGER_RULE_ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+"""About 100 ulps of fp32, 1 of fp16, 2 of bf16: the floor where the projection through the norm
+amplifies rounding (a row whose gradient is mostly along its own direction) and eager happens to
+be exact."""
 EAGER_RULE_QUANTILES = (0.5, 0.9, 1.0)
 
 

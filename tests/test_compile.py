@@ -79,6 +79,6 @@ def test_backward_op_passes_opcheck(generator):
     _, stats, cache = similarity.contrastive_loss_op(
         queries, docs, scale, None, 6, False, True, False, False, True, False, "torch", 1 << 20
     )
-    flags = (6, False, True, False, False, True, False, "torch", 1 << 20)
+    flags = (6, False, True, False, False, True, False, "torch", 1 << 20, True)
     args = (torch.ones(6), queries, docs, scale, None, stats, cache, *flags)
     torch.library.opcheck(similarity.contrastive_loss_backward_op, args)
