@@ -86,6 +86,12 @@ def available_backends() -> list[str]:
     return names
 
 
+def unavailable_reasons() -> dict[str, str]:
+    """Why each backend missing from :func:`available_backends` cannot run on this machine."""
+    reasons = {"triton": _triton_unusable_reason(None), "cuda": _cuda_unusable_reason(None)}
+    return {name: reason for name, reason in reasons.items() if reason is not None}
+
+
 def resolve_backend(
     backend: str | None, device: torch.device, op: str, implemented=("triton", "cuda", "torch")
 ) -> str:

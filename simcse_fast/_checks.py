@@ -54,6 +54,12 @@ def check_embedding_pair(name: str, value, other_name: str, other) -> None:
     """Two ``(rows, D)`` embedding matrices with the same D, dtype (fp16, bf16 or fp32) and device."""
     check_tensor(name, value, 2)
     check_tensor(other_name, other, 2)
+    if value.dtype == torch.float64:
+        raise TypeError(
+            f"{name} must have dtype float16, bfloat16 or float32; got float64: the fused kernels and the "
+            "chunked path compute in fp32, which would silently lose float64's precision (for a float64 "
+            "computation use simcse_fast.reference, which builds the N x M matrix)"
+        )
     check_float_dtype(name, value, LOSS_DTYPES)
     if other.dtype != value.dtype:
         raise TypeError(f"{other_name} must have the dtype of {name} ({value.dtype}); got {other.dtype}")
@@ -107,3 +113,10 @@ def check_labels(labels, n_anchors: int, n_candidates: int, device: torch.device
 def check_reduction(reduction) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}; got {reduction!r}")
+
+
+def check_loss_scale(scale) -> None:
+    """A float scale of a loss (an inverse temperature) must be positive and finite; a tensor
+    scale is not read (that would synchronize with the GPU): a learnable one is the caller's."""
+    if isinstance(scale, (int, float)) and not isinstance(scale, bool) and not 0 < scale < float("inf"):
+        raise ValueError(f"scale must be a positive, finite number (an inverse temperature); got {scale}")

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -18,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, available_backends, functional, reference
+from . import __version__, _backends, available_backends, functional, reference
+from .training import DEFAULT_MODEL, TRAINING_MAX_SEQ_LENGTH
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -143,28 +146,44 @@ def _fail(message: str) -> int:
     return 1
 
 
+def _resume_command() -> str:
+    """This command line with ``--resume`` (and without ``--overwrite``, which would delete the
+    checkpoint it resumes from)."""
+    words = [word for word in sys.argv if word != "--overwrite" and not word.startswith("--resume")]
+    words[0] = Path(words[0]).name
+    command = shlex.join([*words, "--resume"])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        command += "   (under torchrun, with the same --nproc_per_node)"
+    return command
+
+
 def run_train(args: argparse.Namespace) -> int:
     from .evaluation import EvaluationDataError
-    from .training import TrainingConfig, TrainingDataError, train
+    from .training import TrainingConfig, TrainingDataError, TrainingInterrupted, train
 
     options = {name: value for name, value in vars(args).items() if name not in ("command", "run")}
     options["show_progress_bar"] = not options.pop("no_progress")
+    options["resume"] = options["resume"] or False
     try:
         config = TrainingConfig(**options)
         config.validate()
         summary = train(config)
-    except (TrainingDataError, EvaluationDataError, ValueError) as error:
+    except (TrainingDataError, EvaluationDataError, ValueError, FileNotFoundError) as error:
         return _fail(str(error))
     except OSError as error:
         return _fail(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}")
+    except TrainingInterrupted as stopped:
+        print(f"\nsimcse-fast: {stopped}; continue with:\n  {_resume_command()}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with the same command and --resume (checkpoints in {args.output})")
+        print(f"\ninterrupted; continue with:\n  {_resume_command()}", file=sys.stderr)
         return 130
     if summary["rank"] != 0:
         return 0  # under torchrun, rank 0 reports for all
     best = "" if summary["best_dev"] is None else f", best dev Spearman x100 {summary['best_dev']:.2f}"
+    length = f"max_seq_length {summary['max_seq_length']} ({summary['max_seq_length_source']})"
     print(f"trained {summary['steps']} steps, last loss {summary['last_loss']:.4f}{best}")
-    print(f"model saved to {summary['output']}")
+    print(f"model saved to {summary['output']} with {length}")
     return 0
 
 
@@ -197,11 +216,17 @@ def run_info(args: argparse.Namespace) -> int:
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}")
     print(f"available backends: {', '.join(available_backends())}")
+    for backend, reason in _backends.unavailable_reasons().items():
+        print(f"backend {backend!r} unavailable: {reason}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="simcse-fast", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="simcse-fast",
+        description="Fused kernels for contrastive sentence-embedding training: check them (demo), "
+        "list versions and backends (info), benchmark them (bench), train SimCSE (train), evaluate (eval).",
+    )
     parser.add_argument("--version", action="version", version=f"simcse_fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -249,10 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="unsupervised SimCSE from a file of sentences (one per line)"
     )
     train_parser.add_argument("sentences", help="text file, one sentence per line (.gz works)")
-    train_parser.add_argument("--model", default="distilroberta-base", help="Hugging Face name or folder")
+    train_parser.add_argument(
+        "--model", default=DEFAULT_MODEL,
+        help=f"Hugging Face hub name or local folder to start from (default: {DEFAULT_MODEL})",
+    )  # fmt: skip
     train_parser.add_argument("--output", required=True, help="folder for checkpoints and the final model")
     train_parser.add_argument("--batch-size", type=int, default=128)
-    train_parser.add_argument("--max-seq-length", type=int, default=32)
+    train_parser.add_argument(
+        "--max-seq-length", type=int,
+        help=f"tokens per sentence, in training and in the saved model (default: {TRAINING_MAX_SEQ_LENGTH} "
+        "in training, and the base model's limit in the saved model)",
+    )  # fmt: skip
     train_parser.add_argument("--pooling", choices=["mean", "max", "cls"], default="mean")
     train_parser.add_argument("--epochs", type=int, default=1)
     train_parser.add_argument("--max-steps", type=int, help="stop after this many steps")
@@ -263,7 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--warmup-ratio", type=float, default=0.1)
     train_parser.add_argument("--checkpoint-steps", type=int, default=500)
     train_parser.add_argument("--keep-checkpoints", type=int, default=2)
-    train_parser.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    train_parser.add_argument(
+        "--resume", nargs="?", const=True, choices=[True, "auto"], metavar="auto",
+        help="continue from the latest checkpoint in --output (an error if there is none); "
+        "--resume=auto starts a new run when there is none",
+    )  # fmt: skip
+    train_parser.add_argument(
+        "--overwrite", action="store_true",
+        help="delete the simcse-fast run in --output first (by default a non-empty --output is refused)",
+    )  # fmt: skip
     train_parser.add_argument("--seed", type=int, default=0)
     train_parser.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
     train_parser.add_argument("--min-chars", type=int, default=10, help="skip shorter lines (default 10)")

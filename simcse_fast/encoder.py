@@ -64,6 +64,22 @@ def _read_sentence_transformers_folder(folder: Path) -> dict:
     return found
 
 
+def looks_like_local_path(name: str) -> bool:
+    """A hub id is ``name`` or ``owner/name``; anything else (absolute, relative with ``./``,
+    ``~``, more than one ``/``, or ``owner`` an existing folder) is a local path."""
+    if name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name.split("/")[0]).is_dir()
+
+
+def _sequence_limit(tokenizer, encoder) -> int:
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:  # unset limits are a huge sentinel
+        return limit
+    positions = getattr(encoder.config, "max_position_embeddings", None)
+    return positions if isinstance(positions, int) and positions > 0 else 512
+
+
 class SimCSE(nn.Module):
     """Encoder + tokenizer + fused pooling (+ the training-only MLP head of SimCSE).
 
@@ -87,7 +103,9 @@ class SimCSE(nn.Module):
     ):
         super().__init__()
         transformers = _import_transformers()
-        source = Path(model_name_or_path)
+        source = Path(model_name_or_path).expanduser()
+        if looks_like_local_path(str(model_name_or_path)) and not source.is_dir():
+            raise FileNotFoundError(f"no such model folder: {model_name_or_path}")
         settings = {
             "encoder_path": model_name_or_path,
             "pooling": None,
@@ -106,6 +124,9 @@ class SimCSE(nn.Module):
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(settings["encoder_path"]))
         self.pooling = pooling
         self.max_seq_length = max_seq_length
+        # What the loaded model supports: a sentence-transformers folder's saved length, else the
+        # tokenizer's or the position embeddings' limit (training saves it unless told otherwise).
+        self.base_max_seq_length = settings["max_seq_length"] or _sequence_limit(self.tokenizer, self.encoder)
         self.normalize_embeddings = settings["normalize"]
         self.backend = backend
         hidden = self.encoder.config.hidden_size

@@ -5,7 +5,10 @@ Formats read by ``read_sts_pairs``:
 * STS Benchmark: tab-separated ``genre, file, year, id, score (0-5), sentence1, sentence2``;
   extra trailing columns are ignored.
 * SICK: tab-separated ``pair_ID, sentence_A, sentence_B, relatedness_score (1-5),
-  entailment_judgment``, with or without a header line.
+  entailment_judgment``.
+
+Either may start with a header line (a first line whose score column is not a number); errors
+name the file and the line.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ def read_sts_pairs(path: str | Path) -> StsPairs:
                 try:
                     scores.append(float(score))
                 except ValueError:
+                    if line_number == 1:  # a header line (column names): not a pair
+                        continue
                     raise EvaluationDataError(
                         f"{path}:{line_number}: score {score!r} is not a number"
                     ) from None

@@ -14,6 +14,7 @@ from ._checks import (
     check_bool,
     check_embedding_pair,
     check_labels,
+    check_loss_scale,
     check_pooling_inputs,
     check_reduction,
     scale_tensor,
@@ -136,7 +137,10 @@ def info_nce(
     labels only) also scores each positive ``j < N`` against all anchors:
     ``l_i = (logsumexp_j logits[i, j] + logsumexp_k logits[k, i]) / 2 - logits[i, i]``.
     ``reduction``: ``"mean"``, ``"sum"`` (0-dim) or ``"none"`` ((N,)). The loss is fp32;
-    gradients reach anchors, candidates and a tensor ``scale`` in their own dtypes.
+    gradients reach anchors, candidates and a tensor ``scale`` in their own dtypes. An empty batch
+    (N = 0) and a float ``scale`` that is not positive raise ``ValueError``; a tensor ``scale`` is
+    not checked (reading it would synchronize with the GPU), so a learnable one moves freely.
+    float64 inputs are refused: use ``simcse_fast.reference`` for a float64 computation.
     ``chunk_mb``: the N x M memory budget, as in :func:`similarity_logsumexp`.
 
     ``gather_across_devices=True`` with an initialized ``torch.distributed`` process group
@@ -153,6 +157,9 @@ def info_nce(
     """
     check_embedding_pair("anchors", anchors, "candidates", candidates)
     n_anchors, n_candidates = anchors.shape[0], candidates.shape[0]
+    if n_anchors == 0:
+        raise ValueError("anchors must have at least one row: the loss of an empty batch is undefined")
+    check_loss_scale(scale)
     if n_candidates < n_anchors:
         raise ValueError(
             "candidates must have at least one row per anchor (M >= N); "

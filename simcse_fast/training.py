@@ -17,10 +17,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gzip
+import hashlib
+import json
 import math
 import os
+import pickle
 import random
 import shutil
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,6 +39,20 @@ from .encoder import SimCSE
 from .evaluation import evaluate_sts, read_sts_pairs
 
 CHECKPOINT_FILE = "training_state.pt"
+RUN_FILE = "simcse_fast_run.json"
+"""Written into the output folder when a run starts: its settings and data, so that another run
+is never mixed into it and ``--resume`` can check what it continues."""
+DEV_SCORES_FILE = "dev_scores.json"
+DEFAULT_MODEL = "distilroberta-base"
+TRAINING_MAX_SEQ_LENGTH = 32
+"""Tokens per sentence in training unless ``max_seq_length`` is given (SimCSE's setting); the
+saved model keeps the base model's length then."""
+RESULT_SETTINGS = (
+    "model", "batch_size", "max_seq_length", "pooling", "epochs", "max_steps", "lr", "temperature",
+    "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "min_chars", "mlp_head", "mini_batch_size",
+    "mini_batch_tokens",
+)  # fmt: skip
+"""The settings that change the trained weights (with the data): ``--resume`` must match them."""
 
 
 class TrainingDataError(ValueError):
@@ -45,9 +65,9 @@ class TrainingConfig:
 
     sentences: str
     output: str
-    model: str = "distilroberta-base"
+    model: str = DEFAULT_MODEL
     batch_size: int = 128
-    max_seq_length: int = 32
+    max_seq_length: int | None = None
     pooling: str = "mean"
     epochs: int = 1
     max_steps: int | None = None
@@ -58,7 +78,8 @@ class TrainingConfig:
     max_grad_norm: float = 1.0
     checkpoint_steps: int = 500
     keep_checkpoints: int = 2
-    resume: bool = False
+    resume: bool | str = False
+    overwrite: bool = False
     seed: int = 0
     backend: str = "auto"
     min_chars: int = 10
@@ -70,7 +91,7 @@ class TrainingConfig:
     mini_batch_tokens: int | None = None
 
     def validate(self) -> None:
-        positive = ("batch_size", "max_seq_length", "epochs", "checkpoint_steps", "keep_checkpoints")
+        positive = ("batch_size", "epochs", "checkpoint_steps", "keep_checkpoints")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
@@ -78,7 +99,7 @@ class TrainingConfig:
             raise ValueError(
                 "batch_size must be at least 2: the other sentences of a batch are the negatives"
             )
-        for name in ("max_steps", "mini_batch_size", "mini_batch_tokens"):
+        for name in ("max_steps", "mini_batch_size", "mini_batch_tokens", "max_seq_length"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -88,6 +109,12 @@ class TrainingConfig:
             raise ValueError(f"lr must be positive; got {self.lr!r}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}")
+        if self.resume not in (True, False, "auto"):
+            raise ValueError(f"resume must be True, False or 'auto'; got {self.resume!r}")
+        if self.resume and self.overwrite:
+            raise ValueError(
+                "--resume continues the run in the output folder and --overwrite deletes it; pick one"
+            )
 
 
 def read_sentences(path: str | Path, min_chars: int = 10) -> list[str]:
@@ -120,19 +147,121 @@ def _linear_schedule(warmup_steps: int, total_steps: int):
 
 
 def _random_states() -> dict:
-    # The global generators, legacy numpy one included: they are what libraries draw from.
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}  # noqa: NPY002
+    """Every random generator's state as tensors and plain types, which ``torch.load(...,
+    weights_only=True)`` reads back. The global generators, legacy numpy one included: they are
+    what libraries draw from."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()  # noqa: NPY002
+    states = {
+        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64), "gauss": gauss},
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": position,
+                  "has_gauss": has_gauss, "cached_gauss": cached_gauss},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
 
 
 def _restore_random_states(states: dict) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])  # noqa: NPY002
+    python = states["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = states["numpy"]
+    np.random.set_state(  # noqa: NPY002
+        (numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"], numpy["has_gauss"],
+         numpy["cached_gauss"])
+    )  # fmt: skip
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def data_identity(path: str | Path) -> dict:
+    """What identifies a sentences file: resolved path, size and the SHA-256 of its first and last
+    MiB (a sample: hashing a 10 GB corpus at every start would take minutes)."""
+    path = Path(path).resolve()
+    size = path.stat().st_size
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        digest.update(handle.read(1 << 20))
+        if size > 2 << 20:
+            handle.seek(size - (1 << 20))
+            digest.update(handle.read())
+    return {"path": str(path), "size": size, "sample_sha256": digest.hexdigest()}
+
+
+def run_identity(config: TrainingConfig) -> dict:
+    """The settings and data that determine a run's result (``RESULT_SETTINGS``)."""
+    return {"settings": {name: getattr(config, name) for name in RESULT_SETTINGS},
+            "data": data_identity(config.sentences)}  # fmt: skip
+
+
+def _differences(saved: dict, current: dict) -> list[str]:
+    """Human-readable differences between two run identities."""
+    found = []
+    for name in RESULT_SETTINGS:
+        before, now = saved["settings"].get(name), current["settings"][name]
+        if before != now:
+            found.append(f"{name} ({before!r} there, {now!r} now)")
+    data_before, data_now = saved["data"], current["data"]
+    if data_before["path"] != data_now["path"]:
+        found.append(f"sentences file ({data_before['path']} there, {data_now['path']} now)")
+    elif data_before["size"] != data_now["size"] or data_before["sample_sha256"] != data_now["sample_sha256"]:
+        found.append(f"sentences file content ({data_before['size']} bytes there, {data_now['size']} now, "
+                     "or another sample hash)")  # fmt: skip
+    return found
+
+
+def _read_run_file(output: Path) -> dict | None:
+    try:
+        return json.loads((output / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomically(path: Path, value) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(value, indent=2) + "\n")
+    partial.replace(path)
+
+
+def prepare_output(config: TrainingConfig, checkpoint: Path | None) -> None:
+    """Refuse to mix runs in one folder. A new run needs an empty (or missing) ``output``, or
+    ``overwrite`` and a folder that holds a simcse-fast run (which is then deleted first: never
+    a folder of something else). A resumed run must have the settings and data of the run it
+    continues. Raises ``ValueError`` naming each difference."""
+    output = Path(config.output)
+    current = run_identity(config)
+    saved = _read_run_file(output)
+    if checkpoint is not None:
+        differences = _differences(saved, current) if saved is not None else []
+        if differences:
+            raise ValueError(
+                f"--resume: {output} holds a run with other settings or data: {'; '.join(differences)}. "
+                "Resume with the same ones, or start a new run with --overwrite or another --output"
+            )
+        return
+    if output.exists() and any(output.iterdir()):
+        ours = saved is not None or latest_checkpoint(output) is not None
+        if config.overwrite and ours:
+            shutil.rmtree(output)
+        elif config.overwrite:
+            raise ValueError(
+                f"--overwrite: {output} is not empty and holds no simcse-fast run (no {RUN_FILE}); "
+                "refusing to delete it: choose another --output"
+            )
+        else:
+            differences = _differences(saved, current) if saved is not None else None
+            if differences:
+                what = "another run (" + "; ".join(differences) + ")"
+            else:
+                what = "a run with these settings" if saved is not None else "files of something else"
+            raise ValueError(
+                f"{output} holds {what}: continue it with --resume, replace it with --overwrite, "
+                "or choose another --output"
+            )
+    output.mkdir(parents=True, exist_ok=True)
+    _write_json_atomically(output / RUN_FILE, current)
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
@@ -265,7 +394,8 @@ def train(config: TrainingConfig) -> dict:
     config.validate()
     rank, world, device, created = _init_distributed(config)
     try:
-        return _train(config, rank, world, device)
+        with _quiet_transformers():
+            return _train(config, rank, world, device)
     finally:
         if created:
             dist.destroy_process_group()
@@ -282,27 +412,30 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     dev_pairs = read_sts_pairs(config.dev_sts) if config.dev_sts else None
     output = Path(config.output)
     checkpoint = latest_checkpoint(output) if config.resume else None
-    saved = torch.load(checkpoint / CHECKPOINT_FILE, weights_only=False) if checkpoint else None
-    if saved is not None:
-        for name in ("batch_size", "seed", "epochs", "max_steps", "model"):
-            if saved["config"][name] != getattr(config, name):
-                raise ValueError(
-                    f"--resume: the checkpoint in {checkpoint} was made with "
-                    f"{name}={saved['config'][name]!r}, "
-                    f"this run asks for {getattr(config, name)!r}; use the same settings or a new --output"
-                )
-        if len(saved["random_states"]) != world:
-            raise ValueError(
-                f"--resume: the checkpoint in {checkpoint} was made by {len(saved['random_states'])} "
-                f"process(es), this run has {world}; resume with the same --nproc_per_node"
-            )
+    if config.resume is True and checkpoint is None:
+        raise ValueError(
+            f"--resume: no checkpoint in {output / 'checkpoints'}; use --resume=auto to start a new run "
+            "when there is none"
+        )
+    if config.resume == "auto" and checkpoint is None and rank == 0:
+        print(f"simcse-fast: no checkpoint in {output / 'checkpoints'}, starting a new run", file=sys.stderr)
+    if rank == 0:
+        prepare_output(config, checkpoint)
+    if world > 1:
+        dist.barrier()
+    saved = load_checkpoint(checkpoint) if checkpoint else None
+    if saved is not None and len(saved["random_states"]) != world:
+        raise ValueError(
+            f"--resume: the checkpoint in {checkpoint} was made by {len(saved['random_states'])} "
+            f"process(es), this run has {world}; resume with the same --nproc_per_node"
+        )
 
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002
     torch.manual_seed(config.seed)
     model = SimCSE(
-        config.model, pooling=config.pooling, max_seq_length=config.max_seq_length, mlp_head=config.mlp_head,
-        backend=config.backend, device=device,
+        config.model, pooling=config.pooling, max_seq_length=config.max_seq_length or TRAINING_MAX_SEQ_LENGTH,
+        mlp_head=config.mlp_head, backend=config.backend, device=device,
     )  # fmt: skip
     # Each process draws its own dropout masks; rank 0 draws what a single process would.
     torch.manual_seed(config.seed + rank)
@@ -319,7 +452,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        position, best_dev = saved["position"], saved["best_dev"]
+        position, best_dev = dict(saved["position"]), _best_dev_until(output, saved["position"]["step"])
         _restore_random_states(saved["random_states"][rank])
     use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
     model.train()
@@ -345,87 +478,192 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     bar = tqdm(total=total_steps, initial=position["step"], desc="SimCSE", unit="step",
                disable=not config.show_progress_bar or rank != 0)  # fmt: skip
     started, trained_sentences = time.perf_counter(), 0
-    while position["step"] < total_steps:
-        order = torch.randperm(
-            len(sentences), generator=torch.Generator().manual_seed(config.seed + position["epoch"])
-        )
-        while position["batch"] < steps_per_epoch and position["step"] < total_steps:
-            indices = order[
-                position["batch"] * config.batch_size : (position["batch"] + 1) * config.batch_size
-            ]
-            position["batch"] += 1
-            # Every process takes an equal share (the last batch of an epoch may lose up to
-            # world - 1 sentences); a lone sentence has no negatives.
-            usable = len(indices) - len(indices) % world
-            if usable < 2:
-                continue
-            share = usable // world
-            batch = [sentences[index] for index in indices[rank * share : (rank + 1) * share].tolist()]
-            features = model.tokenize(batch)
-            doubled = {name: torch.cat([tensor, tensor]) for name, tensor in features.items()}
-            if caching:
-                mask = doubled["attention_mask"]
-                ranges = mini_batches(mask, config.mini_batch_size, config.mini_batch_tokens)
-                loss = cached_step(
-                    encode, doubled, ranges, loss_fn, no_sync=network.no_sync if world > 1 else None
-                )
-            else:
-                loss = loss_fn(encode(doubled))
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            position["step"] += 1
-            loss = loss.detach()
-            if world > 1:
-                dist.all_reduce(loss)  # the mean over processes: the loss of the whole batch
-                loss /= world
-            last_loss = loss.item()
-            trained_sentences += usable
-            rate = trained_sentences / (time.perf_counter() - started)
-            postfix = {"loss": f"{last_loss:.4f}", "sentences_per_s": f"{rate:.1f}"}
-            if model.device.type == "cuda":
-                postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB"
-            bar.set_postfix(postfix)
-            bar.update()
-            if position["step"] % config.checkpoint_steps == 0 or position["step"] == total_steps:
-                best_dev = _checkpoint(
-                    model, optimizer, scheduler, position, best_dev, config, dev_pairs, bar, rank, world
-                )
-        if position["batch"] >= steps_per_epoch:
-            position = {"epoch": position["epoch"] + 1, "batch": 0, "step": position["step"]}
-    bar.close()
-    if rank == 0:
-        model.save(output)
+    with _StopRequests() as stop:
+        while position["step"] < total_steps:
+            order = torch.randperm(
+                len(sentences), generator=torch.Generator().manual_seed(config.seed + position["epoch"])
+            )
+            while position["batch"] < steps_per_epoch and position["step"] < total_steps:
+                indices = order[
+                    position["batch"] * config.batch_size : (position["batch"] + 1) * config.batch_size
+                ]
+                position["batch"] += 1
+                # Every process takes an equal share (the last batch of an epoch may lose up to
+                # world - 1 sentences); a lone sentence has no negatives.
+                usable = len(indices) - len(indices) % world
+                if usable < 2:
+                    continue
+                share = usable // world
+                batch = [sentences[index] for index in indices[rank * share : (rank + 1) * share].tolist()]
+                features = model.tokenize(batch)
+                doubled = {name: torch.cat([tensor, tensor]) for name, tensor in features.items()}
+                if caching:
+                    mask = doubled["attention_mask"]
+                    ranges = mini_batches(mask, config.mini_batch_size, config.mini_batch_tokens)
+                    loss = cached_step(
+                        encode, doubled, ranges, loss_fn, no_sync=network.no_sync if world > 1 else None
+                    )
+                else:
+                    loss = loss_fn(encode(doubled))
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                position["step"] += 1
+                loss = loss.detach()
+                if world > 1:
+                    dist.all_reduce(loss)  # the mean over processes: the loss of the whole batch
+                    loss /= world
+                last_loss = loss.item()
+                trained_sentences += usable
+                rate = trained_sentences / (time.perf_counter() - started)
+                postfix = {"loss": f"{last_loss:.4f}", "sentences_per_s": f"{rate:.1f}"}
+                if model.device.type == "cuda":
+                    postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB"
+                bar.set_postfix(postfix)
+                bar.update()
+                signal_name = stop.requested(world)
+                scheduled = position["step"] % config.checkpoint_steps == 0 or position["step"] == total_steps
+                if scheduled or signal_name:
+                    state = (model, optimizer, scheduler, position)
+                    folder = _checkpoint(state, config, rank, world)
+                    if signal_name:
+                        bar.close()
+                        raise TrainingInterrupted(signal_name, position["step"], folder)
+                    best_dev = _evaluate_dev(
+                        model, dev_pairs, position["step"], best_dev, config, bar, rank, world
+                    )
+            if position["batch"] >= steps_per_epoch:
+                position = {"epoch": position["epoch"] + 1, "batch": 0, "step": position["step"]}
+        bar.close()
+        saved_length = config.max_seq_length or model.base_max_seq_length
+        if rank == 0:
+            model.max_seq_length = saved_length
+            model.save(output)
     if world > 1:
         dist.barrier()
     return {"steps": position["step"], "last_loss": last_loss, "best_dev": best_dev, "output": str(output),
-            "rank": rank}  # fmt: skip
+            "rank": rank, "max_seq_length": saved_length,
+            "max_seq_length_source": "chosen" if config.max_seq_length else "the base model's"}  # fmt: skip
 
 
-def _checkpoint(model, optimizer, scheduler, position, best_dev, config, dev_pairs, bar, rank, world):
-    """Dev evaluation (rank 0) and an atomic checkpoint holding every process's random states;
-    returns the best dev score so far (the same on every process)."""
-    output = Path(config.output)
+class TrainingInterrupted(Exception):
+    """A SIGTERM or SIGINT stopped training at a step boundary, after a checkpoint was written."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal_name} after step {step}; checkpoint saved in {checkpoint}")
+        self.signal_name, self.step, self.checkpoint = signal_name, step, checkpoint
+        self.exit_code = 128 + getattr(signal, signal_name).value
+
+
+class _StopRequests:
+    """While training, SIGTERM (preemption) and SIGINT (Ctrl-C) ask for a stop at the next step
+    boundary instead of killing the step; a second SIGINT interrupts at once. Only the main
+    thread can install handlers; elsewhere signals keep their default behaviour."""
+
+    def __init__(self):
+        self.received: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for number in (signal.SIGTERM, signal.SIGINT):
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def _handle(self, number, frame):
+        if self.received == "SIGINT" and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+
+    def requested(self, world: int) -> str | None:
+        """The signal to stop for, agreed by every process (any one's request stops all)."""
+        if world == 1:
+            return self.received
+        flag = torch.tensor([0 if self.received is None else 1 if self.received == "SIGINT" else 2])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return {0: None, 1: "SIGINT", 2: "SIGTERM"}[int(flag)]
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars from transformers between ours."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        yield
+        return
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def _best_dev_until(output: Path, step: int) -> float | None:
+    """The best dev score recorded up to ``step`` (a resumed run forgets later ones)."""
+    try:
+        scores = json.loads((output / DEV_SCORES_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    kept = [entry["score"] for entry in scores if entry["step"] <= step]
+    return max(kept) if kept else None
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """A checkpoint's state, read with ``weights_only=True``: tensors and plain types only, so a
+    checkpoint from elsewhere cannot run code. Raises ``ValueError`` for one that holds more."""
+    try:
+        return torch.load(folder / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"--resume: {folder / CHECKPOINT_FILE} holds objects other than tensors and plain values, "
+            f"which simcse-fast never writes; refusing to load it ({str(error).splitlines()[0]})"
+        ) from None
+
+
+def _checkpoint(state, config: TrainingConfig, rank: int, world: int) -> Path:
+    """An atomic checkpoint holding every process's random states; returns its folder."""
+    model, optimizer, scheduler, position = state
+    folder = Path(config.output) / "checkpoints" / f"step-{position['step']}"
     random_states = [_random_states()]
     if world > 1:
         random_states = [None] * world
         dist.all_gather_object(random_states, _random_states())
     if rank == 0:
-        if dev_pairs is not None:
-            score = evaluate_sts(model, dev_pairs)
-            bar.write(f"step {position['step']}: dev Spearman x100 = {score:.2f}")
-            if best_dev is None or score > best_dev:
-                best_dev = score
-                model.save(output / "best")
         _save_checkpoint(
-            output / "checkpoints" / f"step-{position['step']}",
+            folder,
             {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "random_states": random_states,
-             "position": dict(position), "best_dev": best_dev, "config": dataclasses.asdict(config)},
+             "position": dict(position), "config": dataclasses.asdict(config)},
             config.keep_checkpoints,
         )  # fmt: skip
+    return folder
+
+
+def _evaluate_dev(model, dev_pairs, step, best_dev, config, bar, rank, world):
+    """Dev evaluation after a checkpoint (rank 0): one line per evaluation, the best model kept
+    in ``output/best``, every score in ``dev_scores.json``; returns the best score so far."""
+    if dev_pairs is None:
+        return best_dev
+    output = Path(config.output)
+    if rank == 0:
+        bar.set_postfix_str(f"step {step}: evaluating on dev", refresh=True)
+        score = evaluate_sts(model, dev_pairs)
+        bar.write(f"step {step}: dev Spearman x100 = {score:.2f}")
+        scores_file = output / DEV_SCORES_FILE
+        scores = json.loads(scores_file.read_text()) if scores_file.exists() else []
+        _write_json_atomically(output / DEV_SCORES_FILE, [*scores, {"step": step, "score": score}])
+        if best_dev is None or score > best_dev:
+            best_dev = score
+            model.save(output / "best")
     if world > 1:
         shared = [best_dev]
         dist.broadcast_object_list(shared, src=0)
