@@ -72,6 +72,22 @@ def looks_like_local_path(name: str) -> bool:
     return "/" in name and Path(name.split("/")[0]).is_dir()
 
 
+def _check_hub_model_reachable(name: str, transformers) -> None:
+    """Offline (``HF_HUB_OFFLINE=1``), a hub model that is not in the local cache fails at once
+    with one line, instead of the loader's retries and multi-line message."""
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    try:
+        transformers.AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        raise FileNotFoundError(
+            f"model {name!r} is neither a local folder nor in the Hugging Face cache, and the hub is "
+            "offline (HF_HUB_OFFLINE=1)"
+        ) from None
+
+
 def _sequence_limit(tokenizer, encoder) -> int:
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and 0 < limit < 1_000_000:  # unset limits are a huge sentinel
@@ -120,8 +136,11 @@ class SimCSE(nn.Module):
         max_seq_length = max_seq_length or settings["max_seq_length"] or 32
         if not isinstance(max_seq_length, int) or max_seq_length < 1:
             raise ValueError(f"max_seq_length must be a positive int; got {max_seq_length!r}")
-        self.encoder = transformers.AutoModel.from_pretrained(str(settings["encoder_path"]))
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(str(settings["encoder_path"]))
+        location = str(settings["encoder_path"])
+        if not Path(location).is_dir():
+            _check_hub_model_reachable(location, transformers)
+        self.encoder = transformers.AutoModel.from_pretrained(location)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(location)
         self.pooling = pooling
         self.max_seq_length = max_seq_length
         # What the loaded model supports: a sentence-transformers folder's saved length, else the

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -271,3 +272,16 @@ def test_resume_and_overwrite_exclude_each_other(tiny_bert_dir, sentences_file, 
         training.train(
             dataclasses.replace(config(tiny_bert_dir, sentences_file, tmp_path), resume=True, overwrite=True)
         )
+
+
+def test_an_uncached_hub_model_fails_fast_offline(sentences_file, tmp_path, monkeypatch, capsys):
+    """Finding 5: offline, a hub name that is not cached retried for 38 s before failing."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    started = time.perf_counter()
+    code = cli.main(["train", str(sentences_file), "--model", "no-such-owner/no-such-model", "--output",
+                     str(tmp_path / "run"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and time.perf_counter() - started < 10
+    assert err.count("\n") == 0 and "neither a local folder nor in the Hugging Face cache" in err
