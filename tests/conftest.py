@@ -64,3 +64,13 @@ def tiny_bert_dir(tmp_path_factory):
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(folder)
     return folder
+
+
+@pytest.fixture
+def sixteen_sentences_file(tmp_path):
+    """Sixteen sentences in the tiny BERT's vocabulary, one per line: four batches of four."""
+    from inputs import SENTENCES
+
+    path = tmp_path / "sentences.txt"
+    path.write_text("\n".join(SENTENCES + [s + " by the tree" for s in SENTENCES]) + "\n")
+    return path

@@ -103,3 +103,24 @@ def assert_within_eager(ours, eager, truth, dtype, loss_scale: float, what: str,
                 f"{what} d{name}: row error quantile {q} is {ours_q:.3g} > {allowed:.3g} "
                 f"(eager {eager_q:.3g}, correctly rounded {floor_q:.3g})"
             )
+
+
+def model_weights(folder) -> dict:
+    """The parameters of the SimCSE model saved in ``folder``."""
+    import simcse_fast as sf
+
+    return {name: p.detach().clone() for name, p in sf.SimCSE(str(folder), device="cpu").named_parameters()}
+
+
+def stop_after_checkpoint(monkeypatch, step: int) -> None:
+    """Make training raise KeyboardInterrupt right after it writes the checkpoint of ``step``."""
+    from simcse_fast import training
+
+    save_checkpoint = training._save_checkpoint
+
+    def interrupt(folder, state, keep):
+        save_checkpoint(folder, state, keep)
+        if state["position"]["step"] == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_save_checkpoint", interrupt)

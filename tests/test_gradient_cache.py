@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from inputs import SENTENCES
+from inputs import SENTENCES, model_weights, stop_after_checkpoint
 
 import simcse_fast as sf
 from simcse_fast import training
@@ -31,10 +31,8 @@ def tiny_bert_without_dropout(tiny_bert_dir, tmp_path_factory):
 
 
 @pytest.fixture
-def sentences_file(tmp_path):
-    path = tmp_path / "sentences.txt"
-    path.write_text("\n".join(SENTENCES + [s + " by the tree" for s in SENTENCES]) + "\n")
-    return path
+def sentences_file(sixteen_sentences_file):
+    return sixteen_sentences_file
 
 
 def config(model_dir, sentences_file, output, **overrides):
@@ -45,10 +43,6 @@ def config(model_dir, sentences_file, output, **overrides):
     }  # fmt: skip
     options.update(overrides)
     return training.TrainingConfig(**options)
-
-
-def weights(folder) -> dict:
-    return {name: p.detach().clone() for name, p in sf.SimCSE(str(folder), device="cpu").named_parameters()}
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, 8, 13], ids=lambda m: f"m={m}")
@@ -62,7 +56,7 @@ def test_cached_training_equals_uncached_without_dropout(
             tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_size=mini_batch_size
         )
     )
-    plain, cached = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    plain, cached = model_weights(tmp_path / "plain"), model_weights(tmp_path / "cached")
     assert plain.keys() == cached.keys()
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
@@ -73,7 +67,7 @@ def test_token_budget_equals_uncached_without_dropout(tiny_bert_without_dropout,
     training.train(
         config(tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_tokens=20)
     )
-    plain, cached = weights(tmp_path / "plain"), weights(tmp_path / "cached")
+    plain, cached = model_weights(tmp_path / "plain"), model_weights(tmp_path / "cached")
     for name in plain:
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
 
@@ -121,19 +115,12 @@ def test_dropout_replays_exactly_and_the_step_equals_a_non_cached_reference(tiny
 def test_cached_run_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp_path, monkeypatch):
     make = functools.partial(config, tiny_bert_dir, sentences_file, max_steps=6, epochs=2, mini_batch_size=3)
     training.train(make(tmp_path / "straight"))
-    save_checkpoint = training._save_checkpoint
-
-    def interrupt_after_step_4(folder, state, keep):
-        save_checkpoint(folder, state, keep)
-        if state["position"]["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", interrupt_after_step_4)
+    stop_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         training.train(make(tmp_path / "resumed"))
     monkeypatch.undo()
     training.train(make(tmp_path / "resumed", resume=True))
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    straight, resumed = model_weights(tmp_path / "straight"), model_weights(tmp_path / "resumed")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 
@@ -180,7 +167,7 @@ def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sente
     assert completed.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
     single_run = training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "single"))
     assert f"last loss {single_run['last_loss']:.4f}" in completed.stdout
-    single, ddp = weights(tmp_path / "single"), weights(tmp_path / "ddp")
+    single, ddp = model_weights(tmp_path / "single"), model_weights(tmp_path / "ddp")
     for name in single:
         torch.testing.assert_close(ddp[name], single[name], rtol=0, atol=5e-5, msg=name)
     state_file = tmp_path / "ddp" / "checkpoints" / "step-3" / training.CHECKPOINT_FILE
@@ -216,6 +203,6 @@ def test_torchrun_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp
         (tmp_path / "resumed" / saved_model).unlink()
     completed = torchrun_train(2, *common, "--output", str(tmp_path / "resumed"), "--resume")
     assert completed.returncode == 0, completed.stderr[-3000:]
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    straight, resumed = model_weights(tmp_path / "straight"), model_weights(tmp_path / "resumed")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name

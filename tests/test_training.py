@@ -12,7 +12,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from inputs import SENTENCES
+from inputs import SENTENCES, stop_after_checkpoint
 
 import simcse_fast as sf
 from simcse_fast import cli, evaluation, training
@@ -97,14 +97,7 @@ def test_training_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp
     straight = training.train(train_config(tiny_bert_dir, sentences_file, tmp_path / "straight"))
     assert straight["steps"] == 6 and np.isfinite(straight["last_loss"])
 
-    save_checkpoint = training._save_checkpoint
-
-    def interrupt_after_step_4(folder, state, keep):
-        save_checkpoint(folder, state, keep)
-        if state["position"]["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(training, "_save_checkpoint", interrupt_after_step_4)
+    stop_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
         training.train(train_config(tiny_bert_dir, sentences_file, tmp_path / "resumed"))
     monkeypatch.undo()

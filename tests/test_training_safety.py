@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from inputs import SENTENCES
+from inputs import SENTENCES, model_weights
 
 import simcse_fast as sf
 from simcse_fast import cli, evaluation, training
@@ -21,10 +21,8 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture
-def sentences_file(tmp_path):
-    path = tmp_path / "sentences.txt"
-    path.write_text("\n".join(SENTENCES + [s + " by the tree" for s in SENTENCES]) + "\n")
-    return path
+def sentences_file(sixteen_sentences_file):
+    return sixteen_sentences_file
 
 
 def config(model_dir, sentences_file, output, **overrides):
@@ -34,10 +32,6 @@ def config(model_dir, sentences_file, output, **overrides):
     }  # fmt: skip
     options.update(overrides)
     return training.TrainingConfig(**options)
-
-
-def weights(folder) -> dict:
-    return {name: p.detach().clone() for name, p in sf.SimCSE(str(folder), device="cpu").named_parameters()}
 
 
 def test_a_new_run_into_another_runs_folder_is_refused(tiny_bert_dir, sentences_file, tmp_path):
@@ -145,7 +139,7 @@ def test_a_signal_mid_step_checkpoints_and_resumes_bitwise(
     assert signal.getsignal(number) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
     monkeypatch.undo()
     training.train(config(tiny_bert_dir, sentences_file, tmp_path / "stopped", max_steps=6, resume=True))
-    straight, resumed = weights(tmp_path / "straight"), weights(tmp_path / "stopped")
+    straight, resumed = model_weights(tmp_path / "straight"), model_weights(tmp_path / "stopped")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 
