@@ -746,7 +746,7 @@ def contrastive_loss_op(
     # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
     # it to the cancellation of two numbers near |s|.
     positive_logits = scale32 * _positive_cosines(q, d, n_local, labels)
-    negatives = _negatives_lse(lse, stats[len(directions) :], directions)
+    negatives = _negatives_lse(lse, _split_stats(stats, directions)[1], directions)
     if joint:
         excess = torch.logsumexp(negatives, dim=0) - positive_logits
         loss = torch.logaddexp(excess, excess.new_tensor(math.log(_positive_slots(directions))))
@@ -776,22 +776,28 @@ def _contrastive_loss_fake(
     )
 
 
-def _positive_values(lse, negative_lse, directions, scaled_grad, joint) -> Tensor:
-    """``W`` at each row's positive, in fp32 without cancellation. Joint: the positive logit
-    holds ``slots`` terms of one softmax, ``W = g (slots P - 1) = -g exp(lse_negatives - log_z)``.
-    Per direction: ``W = -(g / n) sum_k (1 - P_k) - g (1 - slots / n)`` with
-    ``1 - P_k = exp(lse_negatives_k - lse_k)``."""
+def _complement(lse, negative_lse, directions, joint) -> Tensor:
+    """Per row, the probability outside the positive's terms, from the forward's sums without
+    them (no ``1 - P`` cancellation). Joint: ``1 - slots P`` of the one softmax; per direction:
+    ``sum_k (1 - P_k)`` over the directions that hold the positive (0 without a positive)."""
     negatives = _negatives_lse(lse, negative_lse, directions)
     if joint:
-        return -scaled_grad * torch.exp(torch.logsumexp(negatives, dim=0) - torch.logsumexp(lse, dim=0))
+        return torch.exp(torch.logsumexp(negatives, dim=0) - torch.logsumexp(lse, dim=0))
+    with_positive = [k for k, direction in enumerate(directions) if direction.has_positive]
+    return torch.exp(negatives[with_positive] - lse[with_positive]).sum(dim=0)
+
+
+def _positive_values(complement, directions, scaled_grad, joint) -> Tensor:
+    """``W`` at each row's positive, in fp32 without cancellation. Joint: the positive logit
+    holds ``slots`` terms of one softmax, ``W = g (slots P - 1) = -g complement``. Per direction:
+    ``W = -(g / n) sum_k (1 - P_k) - g (1 - slots / n)``."""
+    if joint:
+        return -scaled_grad * complement
     n = len(directions)
-    complement = sum(
-        torch.exp(negatives[k] - lse[k]) for k, direction in enumerate(directions) if direction.has_positive
-    )
     return -(scaled_grad / n) * complement - scaled_grad * (1 - _positive_slots(directions) / n)
 
 
-def _weight_scale(lse, negative_lse, directions, grad, joint) -> Tensor:
+def _weight_scale(complement, directions, grad, joint) -> Tensor:
     """A power of two (0-dim fp32 tensor) that brings the largest entry of ``W`` near 2**15:
     half-precision weights then keep the 30 binades of fp16's normal range below it, whatever
     the loss scale. Bound per row: ``|W_ij| <= sum over its softmaxes of |w| (1 - P_positive)``
@@ -800,25 +806,21 @@ def _weight_scale(lse, negative_lse, directions, grad, joint) -> Tensor:
     if grad.numel() == 0:
         return grad.new_ones(())
     magnitude = grad.abs()
-    negatives = _negatives_lse(lse, negative_lse, directions)
+    n = len(directions)
     if joint:
-        complement = torch.exp(torch.logsumexp(negatives, dim=0) - torch.logsumexp(lse, dim=0))
-        bound = magnitude * len(directions) * complement
+        bound = magnitude * n * complement
     else:
-        complements = torch.exp(negatives - lse)
-        bound = magnitude / len(directions) * complements.sum(dim=0)
-    bound = bound + magnitude * 2
-    largest = bound.amax()
+        bound = magnitude / n * (complement + (n - _positive_slots(directions)))
+    largest = (bound + magnitude * 2).amax()
     exponent = torch.floor(torch.log2(2.0**14 / largest)).clamp(-126.0, 126.0)
     # A zero or non-finite bound (zero upstream gradient; NaN in, NaN out) keeps scale 1.
     return torch.where(largest.isfinite() & (largest > 0), torch.exp2(exponent), torch.ones_like(largest))
 
 
-def _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint) -> list[_Block]:
+def _blocks(q, d, n_local, directions, lse, complement, cache, scaled_grad, labels, joint) -> list[_Block]:
     """The blocks of ``W``. doc_to_query's softmax over queries ``k`` for document ``i`` sits in
     column ``i`` of the query_to_doc rectangle (rows ``k < n``) and of the rectangle of gathered
     queries ``k >= n`` against ``d[:n]``: each positive's whole weight is formed in one place."""
-    lse, negative_lse = _split_stats(stats, directions)
     if joint:
         log_z = torch.logsumexp(lse, dim=0)
         terms = {direction.name: (log_z, scaled_grad) for direction in directions}
@@ -835,7 +837,7 @@ def _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint)
     n_cols, period = _direction_geometry(directions[0], q.rows, d.rows)
     positive_value = None
     if directions[0].has_positive:
-        positive_value = _positive_values(lse, negative_lse, directions, scaled_grad, joint)
+        positive_value = _positive_values(complement, directions, scaled_grad, joint)
     main = _Block(
         q, 0, n_local, d, n_cols, row_lse, row_weight, exclude_period=period,
         positive_value=positive_value, labels=labels, cached_cos=cached.get("query_to_doc"),
@@ -887,11 +889,12 @@ def contrastive_loss_backward_op(
     q, d, scale32 = _Side(queries), _Side(docs), _scale32(scale)
     directions = _directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
     lse, negative_lse = _split_stats(stats, directions)
+    complement = _complement(lse, negative_lse, directions, joint)
     grad = grad_loss.float()
-    weight_scale = _weight_scale(lse, negative_lse, directions, grad, joint)
+    weight_scale = _weight_scale(complement, directions, grad, joint)
     scaled_grad = (grad * weight_scale).contiguous()
     w_cos = torch.zeros((), dtype=torch.float32, device=queries.device)
-    for block in _blocks(q, d, n_local, directions, stats, cache, scaled_grad, labels, joint):
+    for block in _blocks(q, d, n_local, directions, lse, complement, cache, scaled_grad, labels, joint):
         block_w_cos = _accumulate_block(block, scale32, implementation, budget, scale_grad)
         if block_w_cos is not None:
             w_cos = w_cos + block_w_cos

@@ -30,14 +30,9 @@ def tiny_bert_without_dropout(tiny_bert_dir, tmp_path_factory):
     return folder
 
 
-@pytest.fixture
-def sentences_file(sixteen_sentences_file):
-    return sixteen_sentences_file
-
-
-def config(model_dir, sentences_file, output, **overrides):
+def config(model_dir, sentences, output, **overrides):
     options = {
-        "sentences": str(sentences_file), "output": str(output), "model": str(model_dir), "batch_size": 4,
+        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
         "max_seq_length": 16, "max_steps": 3, "checkpoint_steps": 2, "lr": 1e-3, "device": "cpu",
         "show_progress_bar": False, "mlp_head": True,
     }  # fmt: skip
@@ -47,13 +42,16 @@ def config(model_dir, sentences_file, output, **overrides):
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, 8, 13], ids=lambda m: f"m={m}")
 def test_cached_training_equals_uncached_without_dropout(
-    tiny_bert_without_dropout, sentences_file, tmp_path, mini_batch_size
+    tiny_bert_without_dropout, sixteen_sentences_file, tmp_path, mini_batch_size
 ):
     """Batch 4 is 8 encoded rows: mini-batches of 1, 3, all 8 and more than 8 rows."""
-    training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "plain"))
+    training.train(config(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path / "plain"))
     training.train(
         config(
-            tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_size=mini_batch_size
+            tiny_bert_without_dropout,
+            sixteen_sentences_file,
+            tmp_path / "cached",
+            mini_batch_size=mini_batch_size,
         )
     )
     plain, cached = model_weights(tmp_path / "plain"), model_weights(tmp_path / "cached")
@@ -62,10 +60,12 @@ def test_cached_training_equals_uncached_without_dropout(
         torch.testing.assert_close(cached[name], plain[name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_token_budget_equals_uncached_without_dropout(tiny_bert_without_dropout, sentences_file, tmp_path):
-    training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "plain"))
+def test_token_budget_equals_uncached_without_dropout(
+    tiny_bert_without_dropout, sixteen_sentences_file, tmp_path
+):
+    training.train(config(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path / "plain"))
     training.train(
-        config(tiny_bert_without_dropout, sentences_file, tmp_path / "cached", mini_batch_tokens=20)
+        config(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path / "cached", mini_batch_tokens=20)
     )
     plain, cached = model_weights(tmp_path / "plain"), model_weights(tmp_path / "cached")
     for name in plain:
@@ -112,8 +112,10 @@ def test_dropout_replays_exactly_and_the_step_equals_a_non_cached_reference(tiny
         torch.testing.assert_close(grad, dict(model.named_parameters())[name].grad, rtol=1e-5, atol=1e-6)
 
 
-def test_cached_run_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp_path, monkeypatch):
-    make = functools.partial(config, tiny_bert_dir, sentences_file, max_steps=6, epochs=2, mini_batch_size=3)
+def test_cached_run_resumes_to_the_same_weights(tiny_bert_dir, sixteen_sentences_file, tmp_path, monkeypatch):
+    make = functools.partial(
+        config, tiny_bert_dir, sixteen_sentences_file, max_steps=6, epochs=2, mini_batch_size=3
+    )
     training.train(make(tmp_path / "straight"))
     stop_after_checkpoint(monkeypatch, 4)
     with pytest.raises(KeyboardInterrupt):
@@ -138,9 +140,9 @@ def test_mini_batches_respect_both_budgets():
 
 
 @pytest.mark.parametrize("name", ["mini_batch_size", "mini_batch_tokens"])
-def test_bad_mini_batch_settings(tiny_bert_dir, sentences_file, tmp_path, name):
+def test_bad_mini_batch_settings(tiny_bert_dir, sixteen_sentences_file, tmp_path, name):
     with pytest.raises(ValueError, match=f"{name} must be a positive integer"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", **{name: 0}))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", **{name: 0}))
 
 
 def torchrun_train(processes: int, *args: str) -> subprocess.CompletedProcess:
@@ -151,7 +153,7 @@ def torchrun_train(processes: int, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=600)
 
 
-def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sentences_file, tmp_path):
+def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path):
     """Dropout off, the same global batch of 4: two processes (2 sentences each, negatives
     gathered from both, DDP averaging) train like one process. The runs differ only in fp32
     summation order (all-reduce, gathered loss); AdamW divides each gradient by its own
@@ -162,10 +164,12 @@ def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sente
         "--max-steps", "3", "--checkpoint-steps", "2", "--lr", "1e-3", "--device", "cpu", "--no-progress",
         "--mlp-head",
     ]  # fmt: skip
-    completed = torchrun_train(2, str(sentences_file), "--output", str(tmp_path / "ddp"), *common)
+    completed = torchrun_train(2, str(sixteen_sentences_file), "--output", str(tmp_path / "ddp"), *common)
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert completed.stdout.count("trained 3 steps") == 1  # rank 0 alone reports
-    single_run = training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "single"))
+    single_run = training.train(
+        config(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path / "single")
+    )
     assert f"last loss {single_run['last_loss']:.4f}" in completed.stdout
     single, ddp = model_weights(tmp_path / "single"), model_weights(tmp_path / "ddp")
     for name in single:
@@ -173,13 +177,15 @@ def test_torchrun_with_two_processes_equals_one(tiny_bert_without_dropout, sente
     state_file = tmp_path / "ddp" / "checkpoints" / "step-3" / training.CHECKPOINT_FILE
     assert len(torch.load(state_file, weights_only=False)["random_states"]) == 2
     with pytest.raises(ValueError, match=r"made by 2 process\(es\), this run has 1"):
-        training.train(config(tiny_bert_without_dropout, sentences_file, tmp_path / "ddp", resume=True))
+        training.train(
+            config(tiny_bert_without_dropout, sixteen_sentences_file, tmp_path / "ddp", resume=True)
+        )
 
 
-def test_torchrun_with_gradient_caching(tiny_bert_dir, sentences_file, tmp_path):
+def test_torchrun_with_gradient_caching(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     """Dropout on, two processes, mini-batches of 3 rows: the run finishes and writes one model."""
     completed = torchrun_train(
-        2, str(sentences_file), "--output", str(tmp_path / "run"), "--model", str(tiny_bert_dir),
+        2, str(sixteen_sentences_file), "--output", str(tmp_path / "run"), "--model", str(tiny_bert_dir),
         "--batch-size", "4", "--max-steps", "2", "--device", "cpu", "--no-progress", "--mini-batch-size", "3",
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -187,12 +193,12 @@ def test_torchrun_with_gradient_caching(tiny_bert_dir, sentences_file, tmp_path)
     assert sf.SimCSE(str(tmp_path / "run"), device="cpu").encode(SENTENCES).shape == (len(SENTENCES), 32)
 
 
-def test_torchrun_resumes_to_the_same_weights(tiny_bert_dir, sentences_file, tmp_path):
+def test_torchrun_resumes_to_the_same_weights(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     """Two processes, dropout on: a run stopped after its step-2 checkpoint (its later files
     removed) and resumed with --resume ends with the uninterrupted run's weights, bitwise: each
     process gets its own random state back."""
     common = [
-        str(sentences_file), "--model", str(tiny_bert_dir), "--batch-size", "4", "--max-steps", "4",
+        str(sixteen_sentences_file), "--model", str(tiny_bert_dir), "--batch-size", "4", "--max-steps", "4",
         "--checkpoint-steps", "2", "--device", "cpu", "--no-progress", "--mini-batch-size", "3",
     ]  # fmt: skip
     completed = torchrun_train(2, *common, "--output", str(tmp_path / "straight"))

@@ -20,31 +20,26 @@ from simcse_fast import cli, evaluation, training
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def sentences_file(sixteen_sentences_file):
-    return sixteen_sentences_file
-
-
-def config(model_dir, sentences_file, output, **overrides):
+def config(model_dir, sentences, output, **overrides):
     options = {
-        "sentences": str(sentences_file), "output": str(output), "model": str(model_dir), "batch_size": 4,
+        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
         "max_steps": 4, "checkpoint_steps": 2, "lr": 1e-3, "device": "cpu", "show_progress_bar": False,
     }  # fmt: skip
     options.update(overrides)
     return training.TrainingConfig(**options)
 
 
-def test_a_new_run_into_another_runs_folder_is_refused(tiny_bert_dir, sentences_file, tmp_path):
+def test_a_new_run_into_another_runs_folder_is_refused(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     """Finding 1: a second run used to replace the model and leave the first run's files."""
-    training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", dev_sts=None))
-    other = sentences_file.with_name("other.txt")
+    training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", dev_sts=None))
+    other = sixteen_sentences_file.with_name("other.txt")
     other.write_text("\n".join(reversed(SENTENCES)) + "\n")
     with pytest.raises(
         ValueError, match=r"holds another run \(pooling \('mean' there, 'max' now\); sentences file"
     ):
         training.train(config(tiny_bert_dir, other, tmp_path / "run", pooling="max"))
     with pytest.raises(ValueError, match="holds a run with these settings: continue it with --resume"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run"))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run"))
     (tmp_path / "run" / "best").mkdir()  # a leftover of the old run must go with it
     summary = training.train(config(tiny_bert_dir, other, tmp_path / "run", pooling="max", overwrite=True))
     assert summary["steps"] == 2 and not (tmp_path / "run" / "best").exists()  # 8 sentences, batches of 4
@@ -52,44 +47,48 @@ def test_a_new_run_into_another_runs_folder_is_refused(tiny_bert_dir, sentences_
     assert saved["settings"]["pooling"] == "max" and saved["data"]["path"] == str(other.resolve())
 
 
-def test_overwrite_never_deletes_a_folder_of_something_else(tiny_bert_dir, sentences_file, tmp_path):
+def test_overwrite_never_deletes_a_folder_of_something_else(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     (tmp_path / "photos").mkdir()
     (tmp_path / "photos" / "holiday.jpg").write_bytes(b"\xff\xd8")
     with pytest.raises(ValueError, match=r"holds no simcse-fast run .* refusing to delete it"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "photos", overwrite=True))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "photos", overwrite=True))
     assert (tmp_path / "photos" / "holiday.jpg").exists()
     with pytest.raises(ValueError, match="holds files of something else"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "photos"))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "photos"))
 
 
-def test_resume_checks_data_and_every_setting(tiny_bert_dir, sentences_file, tmp_path):
+def test_resume_checks_data_and_every_setting(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     """Finding 2: resuming with another file and --pooling max trained nothing and exited 0."""
-    training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", max_steps=2))
-    other = sentences_file.with_name("other.txt")
+    training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", max_steps=2))
+    other = sixteen_sentences_file.with_name("other.txt")
     other.write_text("\n".join(reversed(SENTENCES)) + "\n")
     resumed = config(tiny_bert_dir, other, tmp_path / "run", max_steps=2, resume=True, pooling="max", lr=5e-4)
     with pytest.raises(
         ValueError, match=r"--resume: .*pooling \('mean' there, 'max' now\); lr .*; sentences file"
     ):
         training.train(resumed)
-    sentences_file.write_text(sentences_file.read_text() + "a new line about the cat\n")  # same path
+    sixteen_sentences_file.write_text(
+        sixteen_sentences_file.read_text() + "a new line about the cat\n"
+    )  # same path
     with pytest.raises(ValueError, match="sentences file content"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", max_steps=2, resume=True))
+        training.train(
+            config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", max_steps=2, resume=True)
+        )
 
 
-def test_resume_without_a_checkpoint(tiny_bert_dir, sentences_file, tmp_path, capsys):
+def test_resume_without_a_checkpoint(tiny_bert_dir, sixteen_sentences_file, tmp_path, capsys):
     """Finding 3: --resume with no checkpoint trained from step 0 without a word."""
     with pytest.raises(ValueError, match=r"--resume: no checkpoint in .*use --resume=auto"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", resume=True))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", resume=True))
     summary = training.train(
-        config(tiny_bert_dir, sentences_file, tmp_path / "run", resume="auto", max_steps=2)
+        config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", resume="auto", max_steps=2)
     )
     assert summary["steps"] == 2
     assert "no checkpoint in" in capsys.readouterr().err
 
 
 def test_the_checkpoint_is_written_before_the_dev_evaluation(
-    tiny_bert_dir, sentences_file, tmp_path, monkeypatch
+    tiny_bert_dir, sixteen_sentences_file, tmp_path, monkeypatch
 ):
     """Finding 3: a kill during the first dev evaluation lost every step before it."""
     dev = tmp_path / "dev.tsv"
@@ -105,7 +104,7 @@ def test_the_checkpoint_is_written_before_the_dev_evaluation(
 
     monkeypatch.setattr(training, "evaluate_sts", killed)
     with pytest.raises(KeyboardInterrupt):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", dev_sts=str(dev)))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", dev_sts=str(dev)))
     assert training.latest_checkpoint(tmp_path / "run").name == "step-2"
 
 
@@ -125,31 +124,34 @@ def send_signal_during_step(monkeypatch, step: int, number: int) -> None:
 
 @pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_mid_step_checkpoints_and_resumes_bitwise(
-    tiny_bert_dir, sentences_file, tmp_path, monkeypatch, number
+    tiny_bert_dir, sixteen_sentences_file, tmp_path, monkeypatch, number
 ):
     """Preemption or Ctrl-C in the middle of step 3: the step finishes, a checkpoint is written
     (step 3 is not a scheduled one), the run stops with 128 + the signal number, and --resume
     ends with the uninterrupted run's weights, bitwise."""
-    training.train(config(tiny_bert_dir, sentences_file, tmp_path / "straight", max_steps=6))
+    training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "straight", max_steps=6))
     send_signal_during_step(monkeypatch, 3, number)
     with pytest.raises(training.TrainingInterrupted) as stopped:
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "stopped", max_steps=6))
+        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "stopped", max_steps=6))
     assert stopped.value.step == 3 and stopped.value.exit_code == 128 + number
     assert training.latest_checkpoint(tmp_path / "stopped").name == "step-3"
     assert signal.getsignal(number) in (signal.default_int_handler, signal.SIG_DFL)  # handlers restored
     monkeypatch.undo()
-    training.train(config(tiny_bert_dir, sentences_file, tmp_path / "stopped", max_steps=6, resume=True))
+    training.train(
+        config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "stopped", max_steps=6, resume=True)
+    )
     straight, resumed = model_weights(tmp_path / "straight"), model_weights(tmp_path / "stopped")
     for name in straight:
         assert torch.equal(straight[name], resumed[name]), name
 
 
 def test_the_command_says_how_to_resume_after_sigterm(
-    tiny_bert_dir, sentences_file, tmp_path, monkeypatch, capsys
+    tiny_bert_dir, sixteen_sentences_file, tmp_path, monkeypatch, capsys
 ):
     send_signal_during_step(monkeypatch, 2, signal.SIGTERM)
     arguments = [
-        "train", str(sentences_file), "--model", str(tiny_bert_dir), "--output", str(tmp_path / "run"),
+        "train", str(sixteen_sentences_file), "--model", str(tiny_bert_dir),
+        "--output", str(tmp_path / "run"),
         "--batch-size", "4", "--max-steps", "5", "--device", "cpu", "--no-progress",
     ]  # fmt: skip
     monkeypatch.setattr("sys.argv", ["simcse-fast", *arguments])
@@ -158,8 +160,10 @@ def test_the_command_says_how_to_resume_after_sigterm(
     assert "stopped by SIGTERM after step 2" in err and "simcse-fast train" in err and "--resume" in err
 
 
-def test_checkpoints_load_safely_and_a_planted_pickle_is_refused(tiny_bert_dir, sentences_file, tmp_path):
-    training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", max_steps=2))
+def test_checkpoints_load_safely_and_a_planted_pickle_is_refused(
+    tiny_bert_dir, sixteen_sentences_file, tmp_path
+):
+    training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", max_steps=2))
     checkpoint = training.latest_checkpoint(tmp_path / "run")
     state = torch.load(checkpoint / training.CHECKPOINT_FILE, weights_only=True)  # plain types only
     assert state["position"]["step"] == 2
@@ -171,18 +175,22 @@ def test_checkpoints_load_safely_and_a_planted_pickle_is_refused(tiny_bert_dir, 
 
     torch.save({**state, "position": Payload()}, checkpoint / training.CHECKPOINT_FILE)
     with pytest.raises(ValueError, match="refusing to load it"):
-        training.train(config(tiny_bert_dir, sentences_file, tmp_path / "run", max_steps=2, resume=True))
+        training.train(
+            config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", max_steps=2, resume=True)
+        )
     assert not marker.exists()
 
 
-def test_the_saved_model_keeps_the_base_models_sequence_length(tiny_bert_dir, sentences_file, tmp_path):
+def test_the_saved_model_keeps_the_base_models_sequence_length(
+    tiny_bert_dir, sixteen_sentences_file, tmp_path
+):
     """Finding 4: the saved model kept the training length 32, and plain sentence-transformers
     then truncated everything at 32 tokens."""
-    summary = training.train(config(tiny_bert_dir, sentences_file, tmp_path / "base", max_steps=1))
+    summary = training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "base", max_steps=1))
     assert summary["max_seq_length"] == 64 and summary["max_seq_length_source"] == "the base model's"
     assert sf.SimCSE(str(tmp_path / "base"), device="cpu").max_seq_length == 64
     chosen = training.train(
-        config(tiny_bert_dir, sentences_file, tmp_path / "chosen", max_steps=1, max_seq_length=16)
+        config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "chosen", max_steps=1, max_seq_length=16)
     )
     assert (
         chosen["max_seq_length"] == 16
@@ -190,10 +198,12 @@ def test_the_saved_model_keeps_the_base_models_sequence_length(tiny_bert_dir, se
     )
 
 
-def test_model_paths_and_help(tiny_bert_dir, sentences_file, tmp_path, capsys):
+def test_model_paths_and_help(tiny_bert_dir, sixteen_sentences_file, tmp_path, capsys):
     """Finding 5: a missing folder gave the hub's repo-id message; the default was not shown."""
-    code = cli.main(["train", str(sentences_file), "--model", str(tmp_path / "no-such-model"), "--output",
-                     str(tmp_path / "run"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    code = cli.main([
+        "train", str(sixteen_sentences_file), "--model", str(tmp_path / "no-such-model"),
+        "--output", str(tmp_path / "run"), "--device", "cpu", "--no-progress",
+    ])  # fmt: skip
     err = capsys.readouterr().err
     assert (
         code == 1 and err.strip() == f"simcse-fast: error: no such model folder: {tmp_path / 'no-such-model'}"
@@ -220,11 +230,12 @@ def test_sts_files_with_a_header(tmp_path):
         evaluation.read_sts_pairs(path)
 
 
-def test_a_clean_terminal(tiny_bert_dir, sentences_file, tmp_path, capsys):
+def test_a_clean_terminal(tiny_bert_dir, sixteen_sentences_file, tmp_path, capsys):
     """Finding 7: transformers' bars interleaved with ours; info did not say why Triton was
     missing; the top-level help showed raw markup."""
     code = cli.main([
-        "train", str(sentences_file), "--model", str(tiny_bert_dir), "--output", str(tmp_path / "run"),
+        "train", str(sixteen_sentences_file), "--model", str(tiny_bert_dir),
+        "--output", str(tmp_path / "run"),
         "--batch-size", "4", "--max-steps", "2", "--device", "cpu",
     ])  # fmt: skip
     captured = capsys.readouterr()
@@ -261,21 +272,25 @@ def test_info_nce_refuses_an_empty_batch_and_a_bad_scale():
         sf.info_nce(torch.randn(4, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64))
 
 
-def test_resume_and_overwrite_exclude_each_other(tiny_bert_dir, sentences_file, tmp_path):
+def test_resume_and_overwrite_exclude_each_other(tiny_bert_dir, sixteen_sentences_file, tmp_path):
     with pytest.raises(ValueError, match="pick one"):
         training.train(
-            dataclasses.replace(config(tiny_bert_dir, sentences_file, tmp_path), resume=True, overwrite=True)
+            dataclasses.replace(
+                config(tiny_bert_dir, sixteen_sentences_file, tmp_path), resume=True, overwrite=True
+            )
         )
 
 
-def test_an_uncached_hub_model_fails_fast_offline(sentences_file, tmp_path, monkeypatch, capsys):
+def test_an_uncached_hub_model_fails_fast_offline(sixteen_sentences_file, tmp_path, monkeypatch, capsys):
     """Finding 5: offline, a hub name that is not cached retried for 38 s before failing."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     started = time.perf_counter()
-    code = cli.main(["train", str(sentences_file), "--model", "no-such-owner/no-such-model", "--output",
-                     str(tmp_path / "run"), "--device", "cpu", "--no-progress"])  # fmt: skip
+    code = cli.main([
+        "train", str(sixteen_sentences_file), "--model", "no-such-owner/no-such-model",
+        "--output", str(tmp_path / "run"), "--device", "cpu", "--no-progress",
+    ])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert code == 1 and time.perf_counter() - started < 10
     assert err.count("\n") == 0 and "neither a local folder nor in the Hugging Face cache" in err
