@@ -1,14 +1,15 @@
-// Masked mean and max pooling, forward and backward, for the "cuda" backend of simcse_fast.
-//
-// Shapes: token embeddings x (B, L, H) with any batch/sequence strides and unit hidden stride,
-// mask (B, L) as uint8 (non-zero = present) with any strides, pooled output (B, H) contiguous,
-// argmax (B, H) int32 contiguous, token gradient (B, L, H) contiguous.
+// Masked (padded) and packed mean and max pooling, forward and backward, for the "cuda" backend
+// of simcse_fast. Layouts and argument fields: pooling.h.
 //
 // Work split: one block per (sequence b, tile of LANES * VEC hidden columns); the block's
-// GROUPS warps stride over the sequence, each thread owning VEC adjacent columns, so a warp
-// reads 32 * 16 contiguous bytes per token when VEC * sizeof(T) == 16. The GROUPS partial
-// results are combined in shared memory. Accumulation is fp32; offsets are int64 (B * L * H
-// passes 2^31 at the batch sizes this library is for).
+// GROUPS rows of LANES threads stride over the sequence, each thread owning VEC adjacent
+// columns, so a row of threads reads LANES * 16 contiguous bytes per token when
+// VEC * sizeof(T) == 16. Each step a thread issues the loads of UNROLL tokens (x under its
+// bounds only, never under the mask's value: padding rows are in bounds) before it uses any, so
+// UNROLL 16-byte loads per thread are in flight. The GROUPS partial results are combined in
+// shared memory. 128 threads and 128-column tiles (half) give SimCSE's B = 512, H = 768 3072
+// blocks, 2.9 waves of 8 blocks per SM on an H100. Accumulation is fp32; offsets are int64
+// (B * L * H passes 2^31 at the batch sizes this library is for).
 
 #include "pooling.h"
 
@@ -24,9 +25,14 @@
 namespace simcse_fast {
 namespace {
 
-constexpr int LANES = 32;   // threads across the hidden dimension (one warp)
-constexpr int GROUPS = 8;   // warps across the sequence
+constexpr int LANES = 16;   // threads across the hidden dimension
+constexpr int GROUPS = 8;   // rows of threads across the sequence
 constexpr int THREADS = LANES * GROUPS;
+constexpr int UNROLL = 4;   // tokens whose loads a thread issues before using any
+// Blocks per SM each kernel is compiled to fit (__launch_bounds__ caps its registers at
+// 65536 / (THREADS * blocks)): the most each holds without spilling on sm_90 (tests/test_cuda_build.py).
+constexpr int MEAN_FORWARD_BLOCKS = 8, MEAN_BACKWARD_BLOCKS = 7, MAX_FORWARD_BLOCKS = 5, MAX_BACKWARD_BLOCKS = 8;
+constexpr int SCALAR_MEAN_FORWARD_BLOCKS = 7;  // one element per access needs more address registers
 constexpr int NO_TOKEN = INT_MAX;
 
 template <typename T> __device__ __forceinline__ float to_float(T value);
@@ -50,10 +56,8 @@ struct alignas(sizeof(T) * VEC) Pack {
 };
 
 template <typename T, int VEC>
-__device__ __forceinline__ void load_pack(const T* source, float (&out)[VEC]) {
-  const Pack<T, VEC> pack = *reinterpret_cast<const Pack<T, VEC>*>(source);
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) out[v] = to_float(pack.values[v]);
+__device__ __forceinline__ Pack<T, VEC> load_pack(const T* source) {
+  return *reinterpret_cast<const Pack<T, VEC>*>(source);
 }
 
 template <typename T, int VEC>
@@ -64,44 +68,84 @@ __device__ __forceinline__ void store_pack(T* target, const float (&values)[VEC]
   *reinterpret_cast<Pack<T, VEC>*>(target) = pack;
 }
 
-// Number of present tokens of one sequence, counted by the whole block.
-__device__ int block_token_count(const uint8_t* mask_row, int64_t seq_len, int64_t stride_mask_seq) {
+// Where sequence `row` lives: its first element in x, its first row in the contiguous
+// gradient, and its length.
+struct Span {
+  int64_t x_offset, first_token, n_tokens;
+};
+
+__device__ __forceinline__ Span sequence(const PoolingArgs& a, int64_t row) {
+  if (a.cu_seqlens != 0) {
+    const int64_t* offsets = reinterpret_cast<const int64_t*>(a.cu_seqlens);
+    const int64_t first = offsets[row];
+    return {first * a.stride_x_seq, first, offsets[row + 1] - first};
+  }
+  return {row * a.stride_x_batch, row * a.seq_len, a.seq_len};
+}
+
+// Whether position l (< the sequence's length) of sequence `row` holds a token.
+__device__ __forceinline__ bool present(const PoolingArgs& a, int64_t row, int64_t l) {
+  if (a.cu_seqlens != 0) return true;
+  return reinterpret_cast<const uint8_t*>(a.mask)[row * a.stride_mask_batch + l * a.stride_mask_seq] != 0;
+}
+
+// One step of a forward loop: the packs of x at positions base + u * GROUPS, u < UNROLL, all
+// loaded before any is used (under their bounds only: padding rows are in bounds), and which of
+// them hold a token the thread must take.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_step(const PoolingArgs& a, int64_t row, const Span& span, const T* x_row,
+                                          int64_t base, bool active, Pack<T, VEC> (&packs)[UNROLL],
+                                          bool (&take)[UNROLL]) {
+#pragma unroll
+  for (int u = 0; u < UNROLL; ++u) {
+    const int64_t l = base + u * GROUPS;
+    const bool in_sequence = l < span.n_tokens;
+    if (active && in_sequence) packs[u] = load_pack<T, VEC>(x_row + l * a.stride_x_seq);
+    take[u] = active && in_sequence && present(a, row, l);
+  }
+}
+
+// max(1, number of present tokens of sequence `row`), counted by the whole block.
+__device__ int block_token_count(const PoolingArgs& a, int64_t row, const Span& span) {
+  if (a.cu_seqlens != 0) return span.n_tokens > 0 ? static_cast<int>(span.n_tokens) : 1;
   __shared__ int total;
   if (threadIdx.x == 0) total = 0;
   __syncthreads();
   int count = 0;
-  for (int64_t l = threadIdx.x; l < seq_len; l += THREADS) count += mask_row[l * stride_mask_seq] != 0;
+  for (int64_t l = threadIdx.x; l < span.n_tokens; l += THREADS) count += present(a, row, l);
   atomicAdd(&total, count);  // integer sum: exact and order-independent
   __syncthreads();
-  return total;
+  return total > 0 ? total : 1;
 }
 
-// out[b, h] = sum_l present[b, l] x[b, l, h] / max(1, sum_l present[b, l])
+// out[b, h] = sum over present l of x[b, l, h] / max(1, number present)
 template <typename T, int VEC>
-__global__ void __launch_bounds__(THREADS) masked_mean_pool_forward_kernel(
-    const T* __restrict__ x, const uint8_t* __restrict__ mask, T* __restrict__ out, int64_t seq_len,
-    int64_t hidden, int64_t stride_x_batch, int64_t stride_x_seq, int64_t stride_mask_batch,
-    int64_t stride_mask_seq) {
+__global__ void __launch_bounds__(THREADS, VEC == 1 ? SCALAR_MEAN_FORWARD_BLOCKS : MEAN_FORWARD_BLOCKS)
+    mean_pool_forward_kernel(const PoolingArgs a) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
   const int64_t column = (static_cast<int64_t>(blockIdx.y) * LANES + lane) * VEC;
-  const bool active = column < hidden;
-  const T* x_row = x + row * stride_x_batch + column;
-  const uint8_t* mask_row = mask + row * stride_mask_batch;
+  const bool active = column < a.hidden;
+  const Span span = sequence(a, row);
+  const T* x_row = reinterpret_cast<const T*>(a.x) + span.x_offset + column;
   float sum[VEC] = {};
-  for (int64_t l = group; l < seq_len; l += GROUPS) {
-    if (!active || mask_row[l * stride_mask_seq] == 0) continue;
-    float values[VEC];
-    load_pack<T, VEC>(x_row + l * stride_x_seq, values);
+  for (int64_t base = group; base < span.n_tokens; base += GROUPS * UNROLL) {
+    Pack<T, VEC> packs[UNROLL];
+    bool take[UNROLL];
+    load_step<T, VEC>(a, row, span, x_row, base, active, packs, take);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) sum[v] += values[v];
+    for (int u = 0; u < UNROLL; ++u) {
+      if (!take[u]) continue;  // padding never reaches the sum, NaN included
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) sum[v] += to_float(packs[u].values[v]);
+    }
   }
   __shared__ float partial[GROUPS][LANES * VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) partial[group][lane * VEC + v] = sum[v];
-  const int count = block_token_count(mask_row, seq_len, stride_mask_seq);  // synchronizes the block
+  const int count = block_token_count(a, row, span);  // synchronizes the block
   if (group != 0 || !active) return;
-  const float inverse = 1.0f / static_cast<float>(count > 0 ? count : 1);
+  const float inverse = 1.0f / static_cast<float>(count);
   float result[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
@@ -110,29 +154,31 @@ __global__ void __launch_bounds__(THREADS) masked_mean_pool_forward_kernel(
     for (int g = 0; g < GROUPS; ++g) total += partial[g][lane * VEC + v];
     result[v] = total * inverse;
   }
-  store_pack<T, VEC>(out + row * hidden + column, result);
+  store_pack<T, VEC>(reinterpret_cast<T*>(a.out) + row * a.hidden + column, result);
 }
 
-// grad_x[b, l, h] = present[b, l] * grad_out[b, h] / max(1, sum_l present[b, l])
+// grad_x[b, l, h] = present[b, l] * grad_out[b, h] / max(1, number present)
 template <typename T, int VEC>
-__global__ void __launch_bounds__(THREADS) masked_mean_pool_backward_kernel(
-    const T* __restrict__ grad_out, const uint8_t* __restrict__ mask, T* __restrict__ grad_x,
-    int64_t seq_len, int64_t hidden, int64_t stride_grad_batch, int64_t stride_grad_hidden,
-    int64_t stride_mask_batch, int64_t stride_mask_seq) {
+__global__ void __launch_bounds__(THREADS, MEAN_BACKWARD_BLOCKS) mean_pool_backward_kernel(const PoolingArgs a) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
   const int64_t column = (static_cast<int64_t>(blockIdx.y) * LANES + lane) * VEC;
-  const uint8_t* mask_row = mask + row * stride_mask_batch;
-  const int count = block_token_count(mask_row, seq_len, stride_mask_seq);
-  if (column >= hidden) return;
-  const float inverse = 1.0f / static_cast<float>(count > 0 ? count : 1);
+  const Span span = sequence(a, row);
+  const int count = block_token_count(a, row, span);
+  if (column >= a.hidden) return;
+  const T* grad_out = reinterpret_cast<const T*>(a.grad_out) + row * a.stride_grad_batch;
+  const float inverse = 1.0f / static_cast<float>(count);
   float grad[VEC], zeros[VEC] = {};
 #pragma unroll
-  for (int v = 0; v < VEC; ++v)
-    grad[v] = to_float(grad_out[row * stride_grad_batch + (column + v) * stride_grad_hidden]) * inverse;
-  T* grad_row = grad_x + row * seq_len * hidden + column;
-  for (int64_t l = group; l < seq_len; l += GROUPS)
-    store_pack<T, VEC>(grad_row + l * hidden, mask_row[l * stride_mask_seq] != 0 ? grad : zeros);
+  for (int v = 0; v < VEC; ++v) grad[v] = to_float(grad_out[(column + v) * a.stride_grad_hidden]) * inverse;
+  T* grad_row = reinterpret_cast<T*>(a.grad_x) + span.first_token * a.hidden + column;
+  for (int64_t base = group; base < span.n_tokens; base += GROUPS * UNROLL) {
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t l = base + u * GROUPS;
+      if (l < span.n_tokens) store_pack<T, VEC>(grad_row + l * a.hidden, present(a, row, l) ? grad : zeros);
+    }
+  }
 }
 
 // Keeps the first maximum of the positions it sees in increasing order; NaN ranks above every
@@ -146,18 +192,15 @@ __device__ __forceinline__ void take_if_better(float value, int position, float&
 }
 
 // out[b, h] = max over present l of x[b, l, h]; argmax[b, h] = the first such l (-1 and out = 0
-// for a row without present tokens).
+// for a sequence without present tokens).
 template <typename T, int VEC>
-__global__ void __launch_bounds__(THREADS) masked_max_pool_forward_kernel(
-    const T* __restrict__ x, const uint8_t* __restrict__ mask, T* __restrict__ out,
-    int32_t* __restrict__ argmax, int64_t seq_len, int64_t hidden, int64_t stride_x_batch,
-    int64_t stride_x_seq, int64_t stride_mask_batch, int64_t stride_mask_seq) {
+__global__ void __launch_bounds__(THREADS, MAX_FORWARD_BLOCKS) max_pool_forward_kernel(const PoolingArgs a) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
   const int64_t column = (static_cast<int64_t>(blockIdx.y) * LANES + lane) * VEC;
-  const bool active = column < hidden;
-  const T* x_row = x + row * stride_x_batch + column;
-  const uint8_t* mask_row = mask + row * stride_mask_batch;
+  const bool active = column < a.hidden;
+  const Span span = sequence(a, row);
+  const T* x_row = reinterpret_cast<const T*>(a.x) + span.x_offset + column;
   float best[VEC];
   int best_position[VEC];
 #pragma unroll
@@ -165,12 +208,17 @@ __global__ void __launch_bounds__(THREADS) masked_max_pool_forward_kernel(
     best[v] = -INFINITY;
     best_position[v] = NO_TOKEN;
   }
-  for (int64_t l = group; l < seq_len; l += GROUPS) {
-    if (!active || mask_row[l * stride_mask_seq] == 0) continue;
-    float values[VEC];
-    load_pack<T, VEC>(x_row + l * stride_x_seq, values);
+  for (int64_t base = group; base < span.n_tokens; base += GROUPS * UNROLL) {
+    Pack<T, VEC> packs[UNROLL];
+    bool take[UNROLL];
+    load_step<T, VEC>(a, row, span, x_row, base, active, packs, take);
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) take_if_better(values[v], static_cast<int>(l), best[v], best_position[v]);
+    for (int u = 0; u < UNROLL; ++u) {
+      if (!take[u]) continue;
+#pragma unroll
+      for (int v = 0; v < VEC; ++v)
+        take_if_better(to_float(packs[u].values[v]), static_cast<int>(base + u * GROUPS), best[v], best_position[v]);
+    }
   }
   __shared__ float partial_value[GROUPS][LANES * VEC];
   __shared__ int partial_position[GROUPS][LANES * VEC];
@@ -182,6 +230,7 @@ __global__ void __launch_bounds__(THREADS) masked_max_pool_forward_kernel(
   __syncthreads();
   if (group != 0 || !active) return;
   float result[VEC];
+  int32_t* argmax = reinterpret_cast<int32_t*>(a.argmax) + row * a.hidden + column;
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
     // Groups see interleaved positions: take the best value, ties (and NaNs) to the lowest position.
@@ -204,137 +253,122 @@ __global__ void __launch_bounds__(THREADS) masked_max_pool_forward_kernel(
     }
     const bool has_token = position != NO_TOKEN;
     result[v] = has_token ? value : 0.0f;
-    argmax[row * hidden + column + v] = has_token ? position : -1;
+    argmax[v] = has_token ? position : -1;
   }
-  store_pack<T, VEC>(out + row * hidden + column, result);
+  store_pack<T, VEC>(reinterpret_cast<T*>(a.out) + row * a.hidden + column, result);
 }
 
 // grad_x[b, l, h] = grad_out[b, h] if l == argmax[b, h] else 0
 template <typename T, int VEC>
-__global__ void __launch_bounds__(THREADS) masked_max_pool_backward_kernel(
-    const T* __restrict__ grad_out, const int32_t* __restrict__ argmax, T* __restrict__ grad_x,
-    int64_t seq_len, int64_t hidden, int64_t stride_grad_batch, int64_t stride_grad_hidden) {
+__global__ void __launch_bounds__(THREADS, MAX_BACKWARD_BLOCKS) max_pool_backward_kernel(const PoolingArgs a) {
   const int64_t row = blockIdx.x;
   const int lane = threadIdx.x % LANES, group = threadIdx.x / LANES;
   const int64_t column = (static_cast<int64_t>(blockIdx.y) * LANES + lane) * VEC;
-  if (column >= hidden) return;
+  if (column >= a.hidden) return;
+  const Span span = sequence(a, row);
+  const T* grad_out = reinterpret_cast<const T*>(a.grad_out) + row * a.stride_grad_batch;
+  const int32_t* argmax = reinterpret_cast<const int32_t*>(a.argmax) + row * a.hidden + column;
   float grad[VEC];
   int position[VEC];
 #pragma unroll
   for (int v = 0; v < VEC; ++v) {
-    grad[v] = to_float(grad_out[row * stride_grad_batch + (column + v) * stride_grad_hidden]);
-    position[v] = argmax[row * hidden + column + v];
+    grad[v] = to_float(grad_out[(column + v) * a.stride_grad_hidden]);
+    position[v] = argmax[v];
   }
-  T* grad_row = grad_x + row * seq_len * hidden + column;
-  for (int64_t l = group; l < seq_len; l += GROUPS) {
-    float values[VEC];
+  T* grad_row = reinterpret_cast<T*>(a.grad_x) + span.first_token * a.hidden + column;
+  for (int64_t base = group; base < span.n_tokens; base += GROUPS * UNROLL) {
 #pragma unroll
-    for (int v = 0; v < VEC; ++v) values[v] = position[v] == l ? grad[v] : 0.0f;
-    store_pack<T, VEC>(grad_row + l * hidden, values);
+    for (int u = 0; u < UNROLL; ++u) {
+      const int64_t l = base + u * GROUPS;
+      if (l >= span.n_tokens) continue;
+      float values[VEC];
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) values[v] = position[v] == l ? grad[v] : 0.0f;
+      store_pack<T, VEC>(grad_row + l * a.hidden, values);
+    }
   }
 }
 
-void check_launch(const char* kernel) {
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess) throw std::runtime_error(std::string(kernel) + ": " + cudaGetErrorString(error));
+enum class Kind { MeanForward, MeanBackward, MaxForward, MaxBackward };
+
+const char* kernel_name(Kind kind) {
+  switch (kind) {
+    case Kind::MeanForward: return "mean_pool_forward_kernel";
+    case Kind::MeanBackward: return "mean_pool_backward_kernel";
+    case Kind::MaxForward: return "max_pool_forward_kernel";
+    case Kind::MaxBackward: return "max_pool_backward_kernel";
+  }
+  return "pooling kernel";
 }
 
-dim3 grid_for(int64_t batch, int64_t hidden, int vec) {
-  const int64_t tiles = (hidden + LANES * vec - 1) / (LANES * vec);
-  if (batch > INT_MAX || tiles > 65535) throw std::invalid_argument("pooling: batch or hidden size too large for one launch");
-  return dim3(static_cast<unsigned>(batch), static_cast<unsigned>(tiles));
+template <typename T, int VEC>
+void launch_typed(Kind kind, const PoolingArgs& a) {
+  const int64_t tiles = (a.hidden + LANES * VEC - 1) / (LANES * VEC);
+  if (a.batch > INT_MAX || tiles > 65535) {
+    throw std::invalid_argument("pooling: batch or hidden size too large for one launch");
+  }
+  const dim3 grid(static_cast<unsigned>(a.batch), static_cast<unsigned>(tiles));
+  const cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.stream);
+  switch (kind) {
+    case Kind::MeanForward: mean_pool_forward_kernel<T, VEC><<<grid, THREADS, 0, stream>>>(a); break;
+    case Kind::MeanBackward: mean_pool_backward_kernel<T, VEC><<<grid, THREADS, 0, stream>>>(a); break;
+    case Kind::MaxForward: max_pool_forward_kernel<T, VEC><<<grid, THREADS, 0, stream>>>(a); break;
+    case Kind::MaxBackward: max_pool_backward_kernel<T, VEC><<<grid, THREADS, 0, stream>>>(a); break;
+  }
+  const cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) throw std::runtime_error(std::string(kernel_name(kind)) + ": " + cudaGetErrorString(error));
 }
 
 bool aligned(std::uintptr_t pointer) { return pointer % 16 == 0; }
 
-// Dispatch on the element type, and on 16-byte vector access where every row start is
-// 16-byte aligned (H and the strides multiples of the vector width), else one element at a time.
-template <template <typename, int> class Launch, typename... Args>
-void dispatch(DType dtype, bool vectorizable, Args... args) {
-  switch (dtype) {
-    case DType::Float32:
-      vectorizable ? Launch<float, 4>::run(args...) : Launch<float, 1>::run(args...);
-      return;
-    case DType::Float16:
-      vectorizable ? Launch<__half, 8>::run(args...) : Launch<__half, 1>::run(args...);
-      return;
-    case DType::BFloat16:
-      vectorizable ? Launch<__nv_bfloat16, 8>::run(args...) : Launch<__nv_bfloat16, 1>::run(args...);
-      return;
+// 16-byte vector access where every row start is 16-byte aligned (H and the strides multiples
+// of the vector width), else one element at a time.
+bool vectorizable(Kind kind, const PoolingArgs& a, int vec) {
+  if (kind == Kind::MeanForward || kind == Kind::MaxForward) {
+    return a.hidden % vec == 0 && a.stride_x_batch % vec == 0 && a.stride_x_seq % vec == 0 && aligned(a.x) &&
+           aligned(a.out);
   }
-  throw std::invalid_argument("pooling: dtype code must be 0 (float32), 1 (float16) or 2 (bfloat16)");
+  return a.hidden % vec == 0 && aligned(a.grad_x);
 }
 
-int vector_width(DType dtype) { return dtype == DType::Float32 ? 4 : 8; }
-
 template <typename T, int VEC>
-struct MeanForward {
-  static void run(const PoolingArgs& a) {
-    masked_mean_pool_forward_kernel<T, VEC><<<grid_for(a.batch, a.hidden, VEC), THREADS, 0, a.stream>>>(
-        reinterpret_cast<const T*>(a.x), reinterpret_cast<const uint8_t*>(a.mask), reinterpret_cast<T*>(a.out),
-        a.seq_len, a.hidden, a.stride_x_batch, a.stride_x_seq, a.stride_mask_batch, a.stride_mask_seq);
-    check_launch("masked_mean_pool_forward_kernel");
-  }
-};
-
-template <typename T, int VEC>
-struct MeanBackward {
-  static void run(const PoolingArgs& a) {
-    masked_mean_pool_backward_kernel<T, VEC><<<grid_for(a.batch, a.hidden, VEC), THREADS, 0, a.stream>>>(
-        reinterpret_cast<const T*>(a.grad_out), reinterpret_cast<const uint8_t*>(a.mask),
-        reinterpret_cast<T*>(a.grad_x), a.seq_len, a.hidden, a.stride_grad_batch, a.stride_grad_hidden,
-        a.stride_mask_batch, a.stride_mask_seq);
-    check_launch("masked_mean_pool_backward_kernel");
-  }
-};
-
-template <typename T, int VEC>
-struct MaxForward {
-  static void run(const PoolingArgs& a) {
-    masked_max_pool_forward_kernel<T, VEC><<<grid_for(a.batch, a.hidden, VEC), THREADS, 0, a.stream>>>(
-        reinterpret_cast<const T*>(a.x), reinterpret_cast<const uint8_t*>(a.mask), reinterpret_cast<T*>(a.out),
-        reinterpret_cast<int32_t*>(a.argmax), a.seq_len, a.hidden, a.stride_x_batch, a.stride_x_seq,
-        a.stride_mask_batch, a.stride_mask_seq);
-    check_launch("masked_max_pool_forward_kernel");
-  }
-};
-
-template <typename T, int VEC>
-struct MaxBackward {
-  static void run(const PoolingArgs& a) {
-    masked_max_pool_backward_kernel<T, VEC><<<grid_for(a.batch, a.hidden, VEC), THREADS, 0, a.stream>>>(
-        reinterpret_cast<const T*>(a.grad_out), reinterpret_cast<const int32_t*>(a.argmax),
-        reinterpret_cast<T*>(a.grad_x), a.seq_len, a.hidden, a.stride_grad_batch, a.stride_grad_hidden);
-    check_launch("masked_max_pool_backward_kernel");
-  }
-};
-
-bool forward_vectorizable(const PoolingArgs& a) {
-  const int vec = vector_width(a.dtype);
-  return a.hidden % vec == 0 && a.stride_x_batch % vec == 0 && a.stride_x_seq % vec == 0 && aligned(a.x) &&
-         aligned(a.out);
+void dispatch_width(Kind kind, const PoolingArgs& a) {
+  vectorizable(kind, a, VEC) ? launch_typed<T, VEC>(kind, a) : launch_typed<T, 1>(kind, a);
 }
 
-bool backward_vectorizable(const PoolingArgs& a) {
-  return a.hidden % vector_width(a.dtype) == 0 && aligned(a.grad_x);
+Kind parse_kind(const std::string& kind) {
+  if (kind == "mean_forward") return Kind::MeanForward;
+  if (kind == "mean_backward") return Kind::MeanBackward;
+  if (kind == "max_forward") return Kind::MaxForward;
+  if (kind == "max_backward") return Kind::MaxBackward;
+  throw std::invalid_argument("kind must be mean_forward, mean_backward, max_forward or max_backward; got " + kind);
 }
 
 }  // namespace
 
-void masked_mean_pool_forward(const PoolingArgs& args) {
-  if (args.batch > 0 && args.hidden > 0) dispatch<MeanForward>(args.dtype, forward_vectorizable(args), args);
+void launch(const std::string& kind_name, const PoolingArgs& args) {
+  const Kind kind = parse_kind(kind_name);
+  if (args.batch <= 0 || args.hidden <= 0) return;
+  switch (args.dtype) {
+    case DType::Float32: return dispatch_width<float, 4>(kind, args);
+    case DType::Float16: return dispatch_width<__half, 8>(kind, args);
+    case DType::BFloat16: return dispatch_width<__nv_bfloat16, 8>(kind, args);
+  }
+  throw std::invalid_argument("dtype must be 0 (float32), 1 (float16) or 2 (bfloat16)");
 }
 
-void masked_mean_pool_backward(const PoolingArgs& args) {
-  if (args.batch > 0 && args.hidden > 0) dispatch<MeanBackward>(args.dtype, backward_vectorizable(args), args);
-}
-
-void masked_max_pool_forward(const PoolingArgs& args) {
-  if (args.batch > 0 && args.hidden > 0) dispatch<MaxForward>(args.dtype, forward_vectorizable(args), args);
-}
-
-void masked_max_pool_backward(const PoolingArgs& args) {
-  if (args.batch > 0 && args.hidden > 0) dispatch<MaxBackward>(args.dtype, backward_vectorizable(args), args);
+bool kernels_available(int device) {
+  int previous = 0;
+  if (cudaGetDevice(&previous) != cudaSuccess || cudaSetDevice(device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  cudaFuncAttributes attributes;
+  // Fails with "no kernel image is available" when neither a cubin nor PTX fits the device.
+  const cudaError_t error = cudaFuncGetAttributes(&attributes, mean_pool_forward_kernel<float, 4>);
+  cudaSetDevice(previous);
+  cudaGetLastError();
+  return error == cudaSuccess;
 }
 
 }  // namespace simcse_fast

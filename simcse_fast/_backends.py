@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -70,10 +71,19 @@ def _cuda_unusable_reason(device: torch.device | None) -> str | None:
     if CUDA_EXTENSION is None:
         return CUDA_EXTENSION_ERROR
     if device is None:
-        return None if torch.cuda.is_available() else "no CUDA device is available"
-    return (
-        None if device.type == "cuda" else f"the compiled CUDA kernels need CUDA tensors, got {device.type}"
-    )
+        if not torch.cuda.is_available():
+            return "no CUDA device is available"
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type != "cuda":
+        return f"the compiled CUDA kernels need CUDA tensors, got {device.type}"
+    index = torch.cuda.current_device() if device.index is None else device.index
+    if not CUDA_EXTENSION.kernels_available(index):
+        capability = ".".join(map(str, torch.cuda.get_device_capability(index)))
+        return (
+            f"simcse_fast._C holds no kernel for this GPU (compute capability {capability}): reinstall "
+            "with SIMCSE_FAST_CUDA_ARCHS including it (see the README)"
+        )
+    return None
 
 
 def available_backends() -> list[str]:
@@ -93,10 +103,16 @@ def unavailable_reasons() -> dict[str, str]:
 
 
 def resolve_backend(
-    backend: str | None, device: torch.device, op: str, implemented=("triton", "cuda", "torch")
+    backend: str | None,
+    device: torch.device,
+    op: str,
+    supported: Mapping[str, tuple[torch.dtype, ...]],
+    dtype: torch.dtype,
+    argument: str,
 ) -> str:
-    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) to run ``op`` on tensors
-    on ``device``; ``implemented`` lists the backends that have a kernel for ``op``.
+    """The concrete backend (``"triton"``, ``"cuda"`` or ``"torch"``) to run ``op`` on tensors of
+    ``dtype`` on ``device``. ``supported`` is the op family's backend table: each backend that
+    has a kernel for ``op``, with the dtypes it takes (``argument`` names the input in errors).
 
     Raises ``TypeError`` for a non-string ``backend`` and ``ValueError`` for an unknown name or
     an explicit backend that cannot run here. ``"auto"`` prefers Triton on CUDA tensors.
@@ -108,11 +124,15 @@ def resolve_backend(
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
-        if device.type == "cuda" and _triton_unusable_reason(device) is None:
+        triton_runs = "triton" in supported and dtype in supported["triton"]
+        if device.type == "cuda" and triton_runs and _triton_unusable_reason(device) is None:
             return "triton"
         return "torch"
-    if backend not in implemented:
-        reason = f"there is no {backend} kernel for {op}; use one of {', '.join(implemented)}"
+    if backend not in supported:
+        reason = f"there is no {backend} kernel for {op}; use one of {', '.join(supported)}"
+    elif dtype not in supported[backend]:
+        names = ", ".join(str(allowed).removeprefix("torch.") for allowed in supported[backend])
+        reason = f"its {op} takes {argument} of dtype {names}; got {dtype}"
     elif backend == "triton":
         reason = _triton_unusable_reason(device)
     elif backend == "cuda":

@@ -46,6 +46,35 @@ def check_pooling_inputs(token_embeddings, attention_mask) -> None:
     check_same_device("attention_mask", attention_mask, "token_embeddings", token_embeddings)
 
 
+OFFSET_DTYPES = (torch.int32, torch.int64)
+
+
+def check_packed_inputs(token_embeddings, cu_seqlens) -> None:
+    """``token_embeddings``: floating ``(T, H)``; ``cu_seqlens``: int32/int64 ``(B + 1,)`` on the
+    same device, starting at 0, non-decreasing, ending at ``T``. The values are read (one device
+    synchronization), except inside ``torch.compile``, where reading them would break the graph."""
+    check_tensor("token_embeddings", token_embeddings, 2)
+    check_float_dtype("token_embeddings", token_embeddings)
+    check_tensor("cu_seqlens", cu_seqlens, 1)
+    if cu_seqlens.dtype not in OFFSET_DTYPES:
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor of offsets; got {cu_seqlens.dtype}")
+    if cu_seqlens.shape[0] == 0:
+        raise ValueError("cu_seqlens must have B + 1 >= 1 offsets (0 first, T last); got an empty tensor")
+    check_same_device("cu_seqlens", cu_seqlens, "token_embeddings", token_embeddings)
+    if torch.compiler.is_compiling():
+        return
+    n_tokens = token_embeddings.shape[0]
+    first, last = cu_seqlens[0], cu_seqlens[-1]
+    decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+    first, last, decreasing = torch.stack([first.long(), last.long(), decreasing.long()]).tolist()
+    if first != 0 or last != n_tokens or decreasing:
+        raise ValueError(
+            f"cu_seqlens must hold sequence offsets into the T = {n_tokens} rows of token_embeddings: "
+            f"0 first, non-decreasing, T last; got first {first}, last {last}"
+            + (", and a decrease" if decreasing else "")
+        )
+
+
 LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 REDUCTIONS = ("mean", "sum", "none")
 

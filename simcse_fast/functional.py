@@ -8,31 +8,29 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from . import distributed, pooling, reference, similarity
+from . import distributed, pooling, similarity
 from ._backends import resolve_backend
 from ._checks import (
     check_bool,
     check_embedding_pair,
     check_labels,
     check_loss_scale,
+    check_packed_inputs,
     check_pooling_inputs,
     check_reduction,
     scale_tensor,
 )
 
-LOSS_BACKENDS = ("triton", "torch")
-"""The loss has Triton kernels and the chunked PyTorch path; the compiled extension has pooling only."""
+
+def _pool(mode: str, packed: bool, token_embeddings: Tensor, layout: Tensor, backend) -> Tensor:
+    op = f"{'packed' if packed else 'masked'}_{mode}_pool"
+    implementation = resolve_backend(
+        backend, token_embeddings.device, op, POOLING_DTYPES, token_embeddings.dtype, "token_embeddings"
+    )
+    return pooling.pool(mode, packed, token_embeddings, layout, implementation)
 
 
-def _pooling_backend(token_embeddings, attention_mask, backend, op: str) -> str:
-    check_pooling_inputs(token_embeddings, attention_mask)
-    implementation = resolve_backend(backend, token_embeddings.device, op)
-    if implementation == "cuda" and token_embeddings.dtype not in pooling.CUDA_DTYPES:
-        raise ValueError(
-            "backend='cuda' takes float32, float16 or bfloat16 token_embeddings; "
-            f"got {token_embeddings.dtype}"
-        )
-    return implementation
+POOLING_DTYPES = {name: backend.dtypes for name, backend in pooling.POOLING_BACKENDS.items()}
 
 
 def masked_mean_pool(
@@ -45,10 +43,8 @@ def masked_mean_pool(
     dtype, accumulated in fp32 (fp64 for fp64 input). Rows with no present token give zeros and
     zero gradient; values at absent positions never reach the output.
     """
-    implementation = _pooling_backend(token_embeddings, attention_mask, backend, "masked_mean_pool")
-    if implementation == "torch":
-        return reference.masked_mean_pool(token_embeddings, attention_mask)
-    return pooling.masked_mean_pool_op(token_embeddings, attention_mask, implementation)
+    check_pooling_inputs(token_embeddings, attention_mask)
+    return _pool("mean", False, token_embeddings, attention_mask, backend)
 
 
 def masked_max_pool(
@@ -61,11 +57,32 @@ def masked_max_pool(
     gradient goes to one position per ``(b, h)``: the first (lowest ``l``) present position
     holding the maximum.
     """
-    implementation = _pooling_backend(token_embeddings, attention_mask, backend, "masked_max_pool")
-    if implementation == "torch":
-        return reference.masked_max_pool(token_embeddings, attention_mask)
-    pooled, _ = pooling.masked_max_pool_op(token_embeddings, attention_mask, implementation)
-    return pooled
+    check_pooling_inputs(token_embeddings, attention_mask)
+    return _pool("max", False, token_embeddings, attention_mask, backend)
+
+
+def packed_mean_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend: str | None = None) -> Tensor:
+    """Mean of each sequence of a packed (varlen, unpadded) batch: ``(T, H), (B + 1,) -> (B, H)``.
+
+    ``token_embeddings (T, H)`` holds ``B`` sequences back to back, sequence ``b`` being rows
+    ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` (int32 or int64 offsets: 0 first, non-decreasing,
+    ``T`` last), as flash-attention's varlen functions and sentence-transformers' flattened
+    path give them. ``out[b] = sum of its rows / max(1, its length)``: an empty sequence gives
+    zeros and zero gradient. Output in the input's dtype, accumulated in fp32 (fp64 for fp64).
+    Checking the offsets reads them once (a device synchronization for CUDA tensors); inside
+    ``torch.compile`` only their shape and dtype are checked.
+    """
+    check_packed_inputs(token_embeddings, cu_seqlens)
+    return _pool("mean", True, token_embeddings, cu_seqlens, backend)
+
+
+def packed_max_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend: str | None = None) -> Tensor:
+    """Elementwise maximum of each sequence of a packed batch: ``(T, H), (B + 1,) -> (B, H)``
+    (layout and offset checks as :func:`packed_mean_pool`). An empty sequence gives zeros and
+    zero gradient; NaN ranks above every number; the gradient goes to the first position of
+    the sequence holding the maximum."""
+    check_packed_inputs(token_embeddings, cu_seqlens)
+    return _pool("max", True, token_embeddings, cu_seqlens, backend)
 
 
 def similarity_logsumexp(
@@ -103,7 +120,9 @@ def similarity_logsumexp(
         )
     check_bool("gather_across_devices", gather_across_devices)
     scale = scale_tensor(scale, queries.device)
-    implementation = resolve_backend(backend, queries.device, "similarity_logsumexp", LOSS_BACKENDS)
+    implementation = resolve_backend(
+        backend, queries.device, "similarity_logsumexp", similarity.LOSS_BACKENDS, queries.dtype, "queries"
+    )
     if gather_across_devices and distributed.is_distributed(group):
         gathered = distributed.all_gather_with_grad(keys, group)
         keys = distributed.local_first(gathered, keys.shape[0], group)
@@ -172,7 +191,9 @@ def info_nce(
             raise ValueError("symmetric=True scores candidate i as anchor i's positive; it takes no labels")
         check_labels(labels, n_anchors, n_candidates, anchors.device)
     scale = scale_tensor(scale, anchors.device)
-    implementation = resolve_backend(backend, anchors.device, "info_nce", LOSS_BACKENDS)
+    implementation = resolve_backend(
+        backend, anchors.device, "info_nce", similarity.LOSS_BACKENDS, anchors.dtype, "anchors"
+    )
     check_bool("gather_across_devices", gather_across_devices)
     labels = None if labels is None else labels.long().contiguous()
     queries, docs = anchors, candidates
@@ -234,7 +255,9 @@ def in_batch_negatives_loss(
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")
     scale = scale_tensor(scale, queries.device)
-    implementation = resolve_backend(backend, queries.device, "in_batch_negatives_loss", LOSS_BACKENDS)
+    implementation = resolve_backend(
+        backend, queries.device, "in_batch_negatives_loss", similarity.LOSS_BACKENDS, queries.dtype, "queries"
+    )
     budget = similarity.memory_budget(chunk_mb, n_queries, docs.shape[0], queries.shape[1])
     loss, _, _ = similarity.contrastive_loss_op(
         queries, docs, scale, None, n_local, "query_to_query" in directions, "doc_to_query" in directions,

@@ -15,7 +15,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["info_nce", "masked_max_pool", "masked_mean_pool", "similarity_logsumexp"]
+__all__ = [
+    "info_nce",
+    "masked_max_pool",
+    "masked_mean_pool",
+    "packed_max_pool",
+    "packed_mean_pool",
+    "similarity_logsumexp",
+]
 
 NORM_EPS = 1e-12
 """Norms are clamped at this value before dividing, as in ``torch.nn.functional.normalize``."""
@@ -62,6 +69,61 @@ def masked_max_pool(token_embeddings: Tensor, attention_mask: Tensor, *, backend
         first_argmax = is_argmax.to(torch.uint8).argmax(dim=1, keepdim=True)
     pooled = x.gather(1, first_argmax).squeeze(1)
     has_tokens = present.any(dim=1)
+    return torch.where(has_tokens, pooled, torch.zeros((), dtype=x.dtype, device=x.device)).to(
+        token_embeddings.dtype
+    )
+
+
+def _segments(token_embeddings: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lengths (B,), segment (T,), position (T,))``: each token's sequence and its position
+    within it, computed without reading the offsets on the host (so it traces under
+    ``torch.compile``)."""
+    offsets = cu_seqlens.long()
+    lengths = offsets[1:] - offsets[:-1]
+    n_tokens = token_embeddings.shape[0]
+    sequences = torch.arange(lengths.shape[0], device=token_embeddings.device)
+    segment = torch.repeat_interleave(sequences, lengths, output_size=n_tokens)
+    position = torch.arange(n_tokens, device=token_embeddings.device) - offsets[segment]
+    return lengths, segment, position
+
+
+def packed_mean_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend=None) -> Tensor:
+    """Mean of each sequence of a packed (varlen) batch.
+
+    ``token_embeddings (T, H)`` holds the tokens of ``B`` sequences back to back; sequence ``b``
+    is rows ``cu_seqlens[b] .. cu_seqlens[b + 1] - 1`` (``cu_seqlens (B + 1,)``, starting at 0,
+    non-decreasing, ending at ``T``). ``out[b] = sum of its rows / max(1, its length)`` ->
+    ``(B, H)`` in the input's dtype; an empty sequence gives zeros. Equal to
+    :func:`masked_mean_pool` of the right-padded batch.
+    """
+    lengths, segment, _ = _segments(token_embeddings, cu_seqlens)
+    x = token_embeddings.to(_accumulation_dtype(token_embeddings.dtype))
+    total = x.new_zeros((lengths.shape[0], x.shape[1])).index_add(0, segment, x)
+    return (total / lengths.clamp_min(1).to(x.dtype)[:, None]).to(token_embeddings.dtype)
+
+
+def packed_max_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend=None) -> Tensor:
+    """Elementwise maximum of each sequence of a packed batch (layout as in
+    :func:`packed_mean_pool`) -> ``(B, H)``. An empty sequence gives zeros and passes no
+    gradient; NaN ranks above every number; the gradient goes to the first position holding the
+    maximum, as in :func:`masked_max_pool` of the right-padded batch."""
+    lengths, segment, _ = _segments(token_embeddings, cu_seqlens)
+    x = token_embeddings.to(_accumulation_dtype(token_embeddings.dtype))
+    batch, (n_tokens, hidden) = lengths.shape[0], x.shape
+    with torch.no_grad():
+        index = segment[:, None].expand(-1, hidden)
+        # amax propagates NaN, so a NaN maximum marks its NaN tokens.
+        maximum = x.new_full((batch, hidden), float("-inf")).scatter_reduce(0, index, x, "amax")
+        at_maximum = (x == maximum[segment]) | x.isnan()
+        token = torch.arange(n_tokens, device=x.device)[:, None].expand(-1, hidden)
+        candidates = torch.where(at_maximum, token, n_tokens)
+        first = torch.full((batch, hidden), n_tokens, device=x.device).scatter_reduce(
+            0, index, candidates, "amin"
+        )
+    has_tokens = (lengths > 0)[:, None]
+    if n_tokens == 0:
+        return x.sum(dim=0).expand(batch, hidden).to(token_embeddings.dtype)  # zeros on the autograd graph
+    pooled = x.gather(0, first.clamp_max(n_tokens - 1))
     return torch.where(has_tokens, pooled, torch.zeros((), dtype=x.dtype, device=x.device)).to(
         token_embeddings.dtype
     )

@@ -103,6 +103,12 @@ CHUNK_ENV_VAR = "SIMCSE_FAST_LOSS_CHUNK_MB"
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
+LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LOSS_BACKENDS = {"triton": LOSS_DTYPES, "torch": LOSS_DTYPES}
+"""The one declaration of the loss's backends and the dtypes they take: the Triton kernels and
+the chunked PyTorch path (``"torch"``: never N x M unless the budget allows). The compiled
+extension has pooling only. ``resolve_backend``, ``simcse-fast info`` and the README read it."""
+
 
 @triton.jit
 def _tile_dot(

@@ -31,16 +31,22 @@ ALIGNED_SIZES = {
     "hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch",
     "dim", "stride_q", "stride_k", "stride_x", "stride_y",
 }  # fmt: skip
+VECTOR_LOAD = re.compile(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global[^;]*0x10")
+"""A 16-byte load in PTX: a vector load into registers or an asynchronous copy to shared memory."""
 TRITON_DTYPES = {"fp64": tl.float64, "fp32": tl.float32, "fp16": tl.float16, "bf16": tl.bfloat16}
 
 
-def resource_usage(cubin: bytes) -> dict[str, int]:
+def cuobjdump(cubin: bytes, option: str) -> str:
+    """Triton's bundled ``cuobjdump`` run with ``option`` on a cubin."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as file:
         file.write(cubin)
         file.flush()
-        report = subprocess.run(
-            [CUOBJDUMP, "--dump-resource-usage", file.name], capture_output=True, text=True, check=True
-        ).stdout
+        completed = subprocess.run([CUOBJDUMP, option, file.name], capture_output=True, text=True, check=True)
+    return completed.stdout
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    report = cuobjdump(cubin, "--dump-resource-usage")
     return {key.lower(): int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", report)}
 
 
@@ -78,33 +84,47 @@ def make_case(
 
 
 def pooling_cases():
-    """Every launch configuration x every input dtype, with the argument types and alignment
-    the launcher produces for the usual shapes (H and strides multiples of 16), plus unaligned
-    and int64-stride variants with other mask dtypes for the half types."""
+    """Every launch configuration x every input dtype, padded and packed, with the argument types
+    and alignment the launcher produces for the usual shapes (H and strides multiples of 16),
+    plus unaligned and int64-stride variants with other mask and offset dtypes for the half
+    types."""
     from simcse_fast import pooling
 
-    variants = [(dtype, "u8", True, False) for dtype in TRITON_DTYPES]
-    variants += [("bf16", "i64", False, False), ("bf16", "fp32", True, True), ("fp16", "i32", False, True)]
+    variants = [(dtype, "u8", "i64", True, False) for dtype in TRITON_DTYPES]
+    variants += [
+        ("bf16", "i64", "i32", False, False),
+        ("bf16", "fp32", "i64", True, True),
+        ("fp16", "i32", "i32", False, True),
+    ]
+    kernels = [
+        "_mean_pool_forward_kernel",
+        "_mean_pool_backward_kernel",
+        "_max_pool_forward_kernel",
+        "_max_pool_backward_kernel",
+    ]
     for config in pooling.POOLING_CONFIGS:
         blocks = {"BLOCK_L": config.block_l, "BLOCK_H": config.block_h}
-        for dtype, mask_dtype, aligned, int64_strides in variants:
-            accumulate = {"ACC_DTYPE": tl.float64 if dtype == "fp64" else tl.float32}
-            data = {"x_ptr": dtype, "grad_x_ptr": dtype, "out_ptr": dtype, "grad_out_ptr": dtype}
-            mask = {"mask_ptr": mask_dtype}
-            argmax = {"argmax_ptr": "i32"}
-            kernels = [
-                ("_masked_mean_pool_forward_kernel", {**data, **mask}, accumulate),
-                ("_masked_mean_pool_backward_kernel", {**data, **mask}, accumulate),
-                ("_masked_max_pool_forward_kernel", {**data, **mask, **argmax}, accumulate),
-                ("_masked_max_pool_backward_kernel", {**data, **argmax}, {}),
-            ]
-            for name, pointers, extra in kernels:
-                kernel = getattr(pooling, name)
-                used = {arg: pointers[arg] for arg in kernel.arg_names if arg in pointers}
-                yield make_case(
-                    "simcse_fast.pooling", name, used, {**blocks, **extra}, config.num_warps,
-                    aligned=aligned, int64_strides=int64_strides,
-                )  # fmt: skip
+        for (dtype, mask_dtype, offsets_dtype, aligned, int64_strides), packed, name in itertools.product(
+            variants, (False, True), kernels
+        ):
+            if packed and (dtype, mask_dtype) not in (("bf16", "u8"), ("fp16", "i32")):
+                continue  # a packed batch has no mask: one variant per offset dtype and alignment suffices
+            pointers = {
+                "x_ptr": dtype, "grad_x_ptr": dtype, "out_ptr": dtype, "grad_out_ptr": dtype,
+                "mask_ptr": offsets_dtype if packed else mask_dtype, "cu_seqlens_ptr": offsets_dtype,
+                "argmax_ptr": "i32",
+            }  # fmt: skip
+            kernel = getattr(pooling, name)
+            constexprs = {**blocks, "PACKED": packed}
+            if "ACC_DTYPE" in kernel.arg_names:
+                constexprs["ACC_DTYPE"] = tl.float64 if dtype == "fp64" else tl.float32
+            if "NUM_STAGES" in kernel.arg_names:
+                constexprs["NUM_STAGES"] = pooling.PIPELINED_STAGES if aligned else 1
+            used = {arg: pointers[arg] for arg in kernel.arg_names if arg in pointers}
+            yield make_case(
+                "simcse_fast.pooling", name, used, constexprs, config.num_warps,
+                aligned=aligned, int64_strides=int64_strides,
+            )  # fmt: skip
 
 
 def compile_case(case) -> dict:
@@ -115,8 +135,13 @@ def compile_case(case) -> dict:
     ptx = compiled.asm["ptx"]
     return {
         "case": label,
+        "kernel": name,
+        "block_h": constexprs.get("BLOCK_H"),
+        "packed": constexprs.get("PACKED"),
         **resource_usage(compiled.asm["cubin"]),
-        "vector_loads": bool(re.search(r"ld\.global(\.\w+)*\.v4", ptx)),
+        # Asynchronous 16-byte global-to-shared copies: how Triton's pipeliner issues a tile's loads.
+        "async_copies": cuobjdump(compiled.asm["cubin"], "-sass").count("LDGSTS.E.BYPASS.128"),
+        "vector_loads": bool(VECTOR_LOAD.search(ptx)),
         "vector_stores": bool(re.search(r"st\.global(\.\w+)*\.v4", ptx)),
         "wgmma": "wgmma" in ptx,
         "dynamic_shared": compiled.metadata.shared,

@@ -37,7 +37,8 @@ def pooling_results() -> list[dict]:
 def test_pooling_kernels_compile_for_sm90_without_spills(pooling_results):
     from simcse_fast.pooling import POOLING_CONFIGS
 
-    assert len(pooling_results) >= 4 * len(POOLING_CONFIGS) * 4
+    # Per configuration and kernel: 7 padded variants and 2 packed ones.
+    assert len(pooling_results) == len(POOLING_CONFIGS) * 4 * (7 + 2)
     spilled = [r["case"] for r in pooling_results if r["local"] > 0 or r["stack"] > 0]
     assert not spilled, f"register spills (local memory) in: {spilled}"
     assert all(0 < r["reg"] <= 255 for r in pooling_results)
@@ -52,6 +53,45 @@ def test_pooling_kernels_use_16_byte_accesses_on_aligned_inputs(pooling_results)
             assert result["vector_loads"], result["case"]
         else:
             assert result["vector_stores"], result["case"]
+
+
+def test_pooling_forward_issues_every_load_of_a_tile_before_using_it(pooling_results):
+    """The load schedule: x is read under its bounds only, so Triton's pipeliner turns each
+    tile's loads into asynchronous 16-byte copies (LDGSTS), all issued before the tile is summed
+    (one tile in the prologue, the next inside the loop while this one is consumed). A tile of
+    4096 elements over 128 threads is 32 elements a thread: 4 copies in half precision, 8 in fp32."""
+    from simcse_fast.pooling import TILE_ELEMENTS
+
+    checked = 0
+    for result in pooling_results:
+        case = result["case"]
+        if "_forward_" not in result["kernel"] or " aligned" not in case or "=fp64" in case:
+            continue
+        element_size = 4 if "x_ptr=fp32" in case else 2
+        copies_per_tile = TILE_ELEMENTS * element_size // (128 * 16)
+        assert result["async_copies"] >= 2 * copies_per_tile, result
+        checked += 1
+    assert checked > 0
+
+
+def test_pooling_occupancy_table_matches_the_compiled_kernels(pooling_results):
+    """``pooling.CTAS_PER_SM`` (the wave model that picks the blocks) is what the registers and
+    shared memory of the bf16 padded kernels allow on an SM of 64K registers, 228 KB of shared
+    memory (1 KB reserved per CTA) and 2048 threads."""
+    from simcse_fast.pooling import CTAS_PER_SM
+
+    seen = set()
+    for result in pooling_results:
+        case = result["case"]
+        if result["packed"] or " aligned" not in case or "int64-strides" in case or "=bf16" not in case:
+            continue
+        kind = result["kernel"].removeprefix("_").removesuffix("_kernel").replace("_pool", "")
+        registers = -(-result["reg"] // 8) * 8
+        by_registers = 65536 // (registers * 128)
+        by_shared = 228 * 1024 // (result["dynamic_shared"] + 1024)
+        assert CTAS_PER_SM[kind, result["block_h"]] == min(16, by_registers, by_shared), result
+        seen.add((kind, result["block_h"]))
+    assert seen == set(CTAS_PER_SM)
 
 
 @pytest.fixture(scope="module")

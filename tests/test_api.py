@@ -68,7 +68,9 @@ def test_auto_uses_torch_for_cpu_tensors(pool, monkeypatch):
 
 def test_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("SIMCSE_FAST_BACKEND", "torch")
-    assert _backends.resolve_backend(None, torch.device("cpu"), "masked_mean_pool") == "torch"
+    supported = {"torch": (torch.float32,), "triton": (torch.float32,)}
+    cpu = torch.device("cpu")
+    assert _backends.resolve_backend(None, cpu, "masked_mean_pool", supported, torch.float32, "x") == "torch"
     monkeypatch.setenv("SIMCSE_FAST_BACKEND", "cuda")
     with pytest.raises(ValueError, match="backend='cuda' cannot run here"):
         sf.masked_mean_pool(torch.randn(2, 3, 4), torch.ones(2, 3))

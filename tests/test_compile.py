@@ -9,23 +9,30 @@ from inputs import cpu_backends, random_embeddings, random_mask
 import simcse_fast as sf
 
 
+@pytest.mark.parametrize("layout", ["padded", "packed"])
 @pytest.mark.parametrize("compile_backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", cpu_backends())
-def test_pooling_compiles_without_graph_breaks(backend, compile_backend, generator):
+def test_pooling_compiles_without_graph_breaks(backend, compile_backend, layout, generator):
     torch._dynamo.reset()
-    x = random_embeddings((4, 11, 40), torch.float32, generator)
-    mask = random_mask(4, 11, "right", generator)
+    if layout == "padded":
+        x = random_embeddings((4, 11, 40), torch.float32, generator)
+        structure = random_mask(4, 11, "right", generator)
+        mean_pool, max_pool = sf.masked_mean_pool, sf.masked_max_pool
+    else:
+        x = random_embeddings((20, 24), torch.float32, generator)
+        structure = torch.tensor([0, 6, 6, 20], dtype=torch.int32)
+        mean_pool, max_pool = sf.packed_mean_pool, sf.packed_max_pool
 
-    def pool_both(x, mask):
-        mean = sf.masked_mean_pool(x, mask, backend=backend)
-        maximum = sf.masked_max_pool(x, mask, backend=backend)
+    def pool_both(x, structure):
+        mean = mean_pool(x, structure, backend=backend)
+        maximum = max_pool(x, structure, backend=backend)
         return (mean * 2 + maximum).sum()
 
     compiled = torch.compile(pool_both, fullgraph=True, backend=compile_backend)
     x_eager = x.clone().requires_grad_()
     x_compiled = x.clone().requires_grad_()
-    eager_loss = pool_both(x_eager, mask)
-    compiled_loss = compiled(x_compiled, mask)
+    eager_loss = pool_both(x_eager, structure)
+    compiled_loss = compiled(x_compiled, structure)
     eager_loss.backward()
     compiled_loss.backward()
     torch.testing.assert_close(compiled_loss, eager_loss)

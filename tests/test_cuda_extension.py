@@ -12,13 +12,6 @@ import torch
 import simcse_fast as sf
 from simcse_fast import _backends
 
-FUNCTIONS = (
-    "masked_mean_pool_forward",
-    "masked_mean_pool_backward",
-    "masked_max_pool_forward",
-    "masked_max_pool_backward",
-)
-
 
 @pytest.fixture(scope="module")
 def extension():
@@ -29,25 +22,40 @@ def extension():
     return _backends.CUDA_EXTENSION
 
 
-def test_extension_imports_and_exposes_its_functions(extension):
-    for name in FUNCTIONS:
-        assert callable(getattr(extension, name)), name
+def test_extension_imports_and_exposes_its_entry_points(extension):
+    assert callable(extension.launch) and callable(extension.kernels_available)
+    args = extension.PoolingArgs()
+    args.hidden, args.stride_x_seq, args.dtype = 768, 768, 2
+    assert (args.hidden, args.stride_x_seq, args.dtype, args.x) == (768, 768, 2, 0)
     assert extension.cuda_runtime_version >= 12000
 
 
-def test_cuda_backend_is_listed_only_with_a_gpu(extension):
-    assert ("cuda" in sf.available_backends()) == torch.cuda.is_available()
+def test_cuda_backend_is_listed_only_with_a_gpu_it_has_kernels_for(extension):
+    runs_here = torch.cuda.is_available() and extension.kernels_available(torch.cuda.current_device())
+    assert ("cuda" in sf.available_backends()) == runs_here
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the answer without a GPU")
+def test_no_kernels_available_without_a_gpu(extension):
+    assert extension.kernels_available(0) is False
 
 
 def test_bad_dtype_code_is_a_value_error(extension):
     with pytest.raises(ValueError, match="dtype must be"):
-        extension.masked_mean_pool_forward(0, 0, 0, 2, 3, 32, 96, 32, 3, 1, 7, 0)
+        extension.PoolingArgs().dtype = 7
+
+
+def test_unknown_kernel_kind_is_a_value_error(extension):
+    with pytest.raises(ValueError, match="kind must be mean_forward"):
+        extension.launch("median_forward", extension.PoolingArgs())
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="would launch on null pointers")
 def test_launch_failure_names_the_kernel(extension):
-    with pytest.raises(RuntimeError, match="masked_max_pool_forward_kernel"):
-        extension.masked_max_pool_forward(0, 0, 0, 0, 2, 3, 32, 96, 32, 3, 1, 2, 0)
+    args = extension.PoolingArgs()
+    args.batch, args.seq_len, args.hidden, args.stride_x_batch, args.stride_x_seq = 2, 3, 32, 96, 32
+    with pytest.raises(RuntimeError, match="max_pool_forward_kernel"):
+        extension.launch("max_forward", args)
 
 
 def test_explicit_cuda_backend_on_cpu_tensors_explains(extension):
