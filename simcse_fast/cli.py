@@ -9,6 +9,7 @@ of forward + backward.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import os
 import platform
@@ -20,10 +21,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__, _backends, available_backends, functional, reference
-from .training import DEFAULT_MODEL, TRAINING_MAX_SEQ_LENGTH
+from . import __version__, _backends, available_backends, bench, functional, reference
+from ._backends import BACKENDS
+from .encoder import POOLING_MODES
+from .training import TRAINING_MAX_SEQ_LENGTH, TrainingConfig
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TRAINING_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
+"""``simcse-fast train``'s defaults are ``TrainingConfig``'s, so the two cannot drift apart."""
 
 
 def _synchronize(device: torch.device) -> None:
@@ -102,9 +107,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _parse_sizes(text: str) -> dict:
-    """``"32x128x384,512x768"`` -> pooling shapes (three numbers: B x L x H) and loss shapes
-    (two numbers: N x D)."""
-    sizes: dict[str, list[tuple[int, ...]]] = {"pooling": [], "loss": []}
+    """``"32x128x384,512x768"`` -> pooling shapes (three numbers: B x L x H, for padded and
+    packed pooling alike) and loss shapes (two numbers: N x D)."""
+    sizes: dict[str, list[tuple[int, ...]]] = {"pooling": [], "packed": [], "loss": []}
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
             numbers = tuple(int(value) for value in item.lower().split("x"))
@@ -114,30 +119,58 @@ def _parse_sizes(text: str) -> dict:
             raise argparse.ArgumentTypeError(
                 f"--sizes: {item!r} is neither BxLxH (pooling) nor NxD (loss) with positive integers"
             )
-        sizes["pooling" if len(numbers) == 3 else "loss"].append(numbers)
+        if len(numbers) == 3:
+            sizes["pooling"].append(numbers)
+            sizes["packed"].append(numbers)
+        else:
+            sizes["loss"].append(numbers)
     return sizes
 
 
-def run_bench(args: argparse.Namespace) -> int:
-    from . import bench
+def _gigabytes(text: str) -> float:
+    """``--memory-budget``'s value: a positive number of GB."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"--memory-budget takes a positive number of GB, got {text!r}")
+    return value
 
+
+def run_bench(args: argparse.Namespace) -> int:
+    """``simcse-fast bench``: run the benchmark, print its table and wall time, write the
+    results with ``--out``, and warn on stderr when the timings say the machine was busy."""
     ops = tuple(dict.fromkeys(part.strip() for part in args.ops.split(",") if part.strip()))
     unknown = [op for op in ops if op not in bench.OPS]
     if unknown or not ops:
-        print(f"simcse-fast: error: --ops takes pooling and/or loss, got {args.ops!r}", file=sys.stderr)
+        families = " and/or ".join(bench.OPS)
+        print(f"simcse-fast: error: --ops takes {families}, got {args.ops!r}", file=sys.stderr)
         return 2
     if args.device == "cuda" and not torch.cuda.is_available():
         print("simcse-fast: error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    started = time.perf_counter()
     document = bench.run_benchmark(
         ops=ops, preset=args.preset, sizes=args.sizes, device=args.device,
-        dtype=bench.DTYPES[args.dtype] if args.dtype else None, min_repeats=args.repeats,
+        dtype=DTYPES[args.dtype] if args.dtype else None, min_repeats=args.repeats,
+        memory_budget_gb=args.memory_budget,
     )  # fmt: skip
     print()
     print(bench.markdown_table(document), end="")
     if args.out:
         for path in bench.write_results(document, Path(args.out)):
             print(f"wrote {path}")
+    print(f"simcse-fast bench: {time.perf_counter() - started:.0f} s")
+    busy = document["busy_warnings"]
+    if busy:
+        # On stderr, so that redirecting the table does not hide it; the table lists them all.
+        more = f" (and {len(busy) - 1} more, listed under the table)" if len(busy) > 1 else ""
+        print(
+            f"simcse-fast bench: warning: the machine was busy, timings spread beyond p80/p20 = "
+            f"{bench.BUSY_SPREAD}: {busy[0]}{more}; rerun on an idle machine for reliable medians",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -163,7 +196,6 @@ def run_train(args: argparse.Namespace) -> int:
 
     options = {name: value for name, value in vars(args).items() if name not in ("command", "run")}
     options["show_progress_bar"] = not options.pop("no_progress")
-    options["resume"] = options["resume"] or False
     try:
         config = TrainingConfig(**options)
         config.validate()
@@ -245,11 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser = commands.add_parser(
         "bench", help="time our ops and their peers, with the device's ceilings measured in the same run"
     )
-    bench_parser.add_argument("--ops", default="pooling,loss", help="pooling, loss or both (default)")
+    bench_parser.add_argument(
+        "--ops", default=",".join(bench.OPS),
+        help=f"op families, comma-separated, among {', '.join(bench.OPS)} (default: all)",
+    )  # fmt: skip
     presets = bench_parser.add_mutually_exclusive_group()
     presets.add_argument(
         "--quick", dest="preset", action="store_const", const="quick",
-        help="a few small shapes, no torch.compile peer (under a minute on 2 CPU cores)",
+        help="a few shapes (the loss swept over N), fewer timed runs, no torch.compile peer "
+        "(under a minute on 2 CPU cores)",
     )  # fmt: skip
     presets.add_argument(
         "--full", dest="preset", action="store_const", const="full",
@@ -258,15 +294,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument(
         "--sizes",
         type=_parse_sizes,
-        help="shapes instead of the preset's: BxLxH (pooling), NxD (loss), comma-separated",
+        help="shapes instead of the preset's: BxLxH (pooling, packed), NxD (loss), comma-separated",
     )
     bench_parser.add_argument(
         "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU"
     )
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench_parser.add_argument(
-        "--repeats", type=int, default=10, help="at least this many timed runs per pass"
-    )
+        "--repeats", type=int,
+        help="at least this many timed runs per pass (default: "
+        f"{bench.MEASUREMENT['quick'][0]} with --quick, else {bench.MEASUREMENT['default'][0]})",
+    )  # fmt: skip
+    bench_parser.add_argument(
+        "--memory-budget", type=_gigabytes, metavar="GB",
+        help="skip a case whose estimated memory need exceeds this (default: the free GPU memory, "
+        "half the available memory on a CPU)",
+    )  # fmt: skip
     bench_parser.add_argument("--out", help="directory for results.json, results.md and PNG plots")
     bench_parser.set_defaults(run=run_bench, preset="default")
 
@@ -274,54 +317,52 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="unsupervised SimCSE from a file of sentences (one per line)"
     )
     train_parser.add_argument("sentences", help="text file, one sentence per line (.gz works)")
-    train_parser.add_argument(
-        "--model", default=DEFAULT_MODEL,
-        help=f"Hugging Face hub name or local folder to start from (default: {DEFAULT_MODEL})",
-    )  # fmt: skip
+
+    def training_option(name: str, **kwargs) -> None:
+        """``--name`` of ``train``, defaulting to ``TrainingConfig``'s field ``name``."""
+        train_parser.add_argument(f"--{name.replace('_', '-')}", default=TRAINING_DEFAULTS[name], **kwargs)
+
+    training_option(
+        "model", help="Hugging Face hub name or local folder to start from (default: %(default)s)"
+    )
     train_parser.add_argument("--output", required=True, help="folder for checkpoints and the final model")
-    train_parser.add_argument("--batch-size", type=int, default=128)
-    train_parser.add_argument(
-        "--max-seq-length", type=int,
+    training_option("batch_size", type=int, help="sentences per step (default: %(default)s)")
+    training_option(
+        "max_seq_length", type=int,
         help=f"tokens per sentence, in training and in the saved model (default: {TRAINING_MAX_SEQ_LENGTH} "
         "in training, and the base model's limit in the saved model)",
     )  # fmt: skip
-    train_parser.add_argument("--pooling", choices=["mean", "max", "cls"], default="mean")
-    train_parser.add_argument("--epochs", type=int, default=1)
-    train_parser.add_argument("--max-steps", type=int, help="stop after this many steps")
-    train_parser.add_argument("--lr", type=float, default=5e-5)
-    train_parser.add_argument(
-        "--temperature", type=float, default=0.05, help="InfoNCE scale is 1/temperature"
-    )
-    train_parser.add_argument("--warmup-ratio", type=float, default=0.1)
-    train_parser.add_argument("--checkpoint-steps", type=int, default=500)
-    train_parser.add_argument("--keep-checkpoints", type=int, default=2)
-    train_parser.add_argument(
-        "--resume", nargs="?", const=True, choices=[True, "auto"], metavar="auto",
+    training_option("pooling", choices=POOLING_MODES, help="(default: %(default)s)")
+    training_option("epochs", type=int, help="(default: %(default)s)")
+    training_option("max_steps", type=int, help="stop after this many steps")
+    training_option("lr", type=float, help="(default: %(default)s)")
+    training_option("temperature", type=float, help="InfoNCE scale is 1/temperature (default: %(default)s)")
+    training_option("warmup_ratio", type=float, help="(default: %(default)s)")
+    training_option("checkpoint_steps", type=int, help="(default: %(default)s)")
+    training_option("keep_checkpoints", type=int, help="(default: %(default)s)")
+    training_option(
+        "resume", nargs="?", const=True, choices=[True, "auto"], metavar="auto",
         help="continue from the latest checkpoint in --output (an error if there is none); "
         "--resume=auto starts a new run when there is none",
     )  # fmt: skip
-    train_parser.add_argument(
-        "--overwrite", action="store_true",
+    training_option(
+        "overwrite", action="store_true",
         help="delete the simcse-fast run in --output first (by default a non-empty --output is refused)",
     )  # fmt: skip
-    train_parser.add_argument("--seed", type=int, default=0)
-    train_parser.add_argument("--backend", default="auto", choices=["auto", "triton", "cuda", "torch"])
-    train_parser.add_argument("--min-chars", type=int, default=10, help="skip shorter lines (default 10)")
-    train_parser.add_argument(
-        "--mlp-head", action="store_true", help="SimCSE's Linear+tanh head, in training only"
-    )
-    train_parser.add_argument(
-        "--dev-sts", help="STS Benchmark or SICK file: evaluate at each checkpoint, keep the best"
-    )
-    train_parser.add_argument(
-        "--mini-batch-size", type=int,
+    training_option("seed", type=int, help="(default: %(default)s)")
+    training_option("backend", choices=BACKENDS, help="(default: %(default)s)")
+    training_option("min_chars", type=int, help="skip shorter lines (default: %(default)s)")
+    training_option("mlp_head", action="store_true", help="SimCSE's Linear+tanh head, in training only")
+    training_option("dev_sts", help="STS Benchmark or SICK file: evaluate at each checkpoint, keep the best")
+    training_option(
+        "mini_batch_size", type=int,
         help="gradient caching: encode at most this many rows at a time (the loss sees the whole batch)",
     )  # fmt: skip
-    train_parser.add_argument(
-        "--mini-batch-tokens", type=int,
+    training_option(
+        "mini_batch_tokens", type=int,
         help="gradient caching: at most this many tokens (rows x longest row) per mini-batch",
     )  # fmt: skip
-    train_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    training_option("device", help="cpu or cuda (default: cuda when available)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     train_parser.set_defaults(run=run_train)
 
@@ -330,10 +371,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", required=True, help="SimCSE or sentence-transformers folder, or HF name"
     )
     eval_parser.add_argument("--sts", required=True, help="STS Benchmark or SICK file")
-    eval_parser.add_argument("--pooling", choices=["mean", "max", "cls"], help="default: the folder's")
+    eval_parser.add_argument("--pooling", choices=POOLING_MODES, help="default: the folder's")
     eval_parser.add_argument("--max-seq-length", type=int, help="default: the folder's, else 32")
     eval_parser.add_argument("--batch-size", type=int, default=64)
-    eval_parser.add_argument("--backend", default=None, choices=["auto", "triton", "cuda", "torch"])
+    eval_parser.add_argument("--backend", choices=BACKENDS, help="default: SIMCSE_FAST_BACKEND, else auto")
     eval_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     eval_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     eval_parser.set_defaults(run=run_eval)
@@ -346,7 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for name in ("batch", "seq_len", "hidden", "repeats"):
-        if getattr(args, name, 1) < 1:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             print(f"simcse-fast: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
             return 2
     return args.run(args)

@@ -115,3 +115,187 @@ def test_cli_bench_prints_a_table(tmp_path, capsys):
     output = capsys.readouterr().out
     assert "| masked_mean_pool | B=2xL=4xH=16 | simcse_fast[torch] | forward |" in output
     assert (tmp_path / "results.json").exists()
+
+
+def test_spread_gives_interpolated_percentiles():
+    assert bench.spread([5.0, 1.0, 3.0, 2.0, 4.0, 6.0]) == pytest.approx({"p20": 2.0, "p50": 3.5, "p80": 5.0})
+    assert bench.spread([7.0]) == {"p20": 7.0, "p50": 7.0, "p80": 7.0}
+    with pytest.raises(ValueError, match="times"):
+        bench.spread([])
+
+
+def test_rows_carry_the_spread(tiny_run):
+    for row in tiny_run["rows"]:
+        assert row["p50_ms"] == row["median_ms"]
+        assert row["spread"] == pytest.approx(row["p80_ms"] / row["p20_ms"]) and row["spread"] >= 1
+    markdown = bench.markdown_table(tiny_run)
+    assert "| p20-p80 ms | p80/p20 |" in markdown
+
+
+def test_busy_is_decided_by_p80_over_p20():
+    quiet = bench.spread([10.0, 10.2, 10.1, 10.4, 10.3, 10.0, 11.0, 10.1, 10.2, 10.6])
+    disturbed = bench.spread([10.0, 10.1, 10.0, 10.2, 25.0, 24.0, 30.0, 10.1, 26.0, 22.0])
+    assert not bench.is_busy(quiet) and bench.is_busy(disturbed)
+    assert bench.is_busy({"p20": 1.0, "p80": bench.BUSY_SPREAD + 0.01})
+    assert not bench.is_busy({"p20": 1.0, "p80": bench.BUSY_SPREAD})
+    assert not bench.is_busy(disturbed, threshold=3.0)
+    with pytest.raises(ValueError, match="threshold"):
+        bench.is_busy(quiet, threshold=0.5)
+
+
+def _row(op, impl, shape, pass_name, p20, p80):
+    return {"op": op, "impl": impl, "shape": shape, "pass": pass_name, "status": "ok",
+            "p20_ms": p20, "p80_ms": p80, "spread": p80 / p20}  # fmt: skip
+
+
+def test_busy_warnings_name_each_case_widest_first():
+    document = {
+        "rows": [
+            _row("info_nce", "reference (eager)", {"N": 8, "M": 8, "D": 16}, "forward", 1.0, 1.1),
+            _row("info_nce", "reference (eager)", {"N": 8, "M": 8, "D": 16}, "backward", 1.0, 2.0),
+            _row("info_nce", "reference (eager)", {"N": 8, "M": 8, "D": 16}, "forward+backward", 1.0, 1.8),
+            _row("masked_max_pool", "simcse_fast[torch]", {"B": 2, "L": 4, "H": 8}, "forward", 1.0, 3.0),
+            _row("masked_mean_pool", "simcse_fast[torch]", {"B": 2, "L": 4, "H": 8}, "forward", 1.0, 1.2),
+        ],
+        "dispatch_overhead_us": {"simcse_fast[torch]": {"p20": 10.0, "p50": 12.0, "p80": 40.0}},
+    }
+    lines = bench.busy_warnings(document)
+    assert len(lines) == 3
+    assert lines[0].startswith("masked_max_pool simcse_fast[torch] B=2xL=4xH=8: forward ")
+    assert lines[1].startswith("info_nce reference (eager) N=8xM=8xD=16: backward ") and "2.00" in lines[1]
+    assert lines[2].startswith("dispatch overhead simcse_fast[torch]")
+
+
+def _fake_timings(spread_factor: float):
+    """A ``measure_case`` stand-in: every pass p20 = 1 ms, p80 = ``spread_factor`` ms, and a peak
+    memory of N^2 bytes for the implementations that build the similarity matrix, N for ours."""
+
+    def measure(case, device, min_repeats):
+        stats = {"p20": 1.0, "p50": (1.0 + spread_factor) / 2, "p80": spread_factor}
+        size = case.shape.get("N", 1)
+        memory = size**2 if case.memory_need is not None else size
+        return {name: dict(stats) for name in bench.PASSES} | {"peak_mem_mb": memory / 2**20}
+
+    return measure
+
+
+@pytest.fixture
+def no_ceiling_runs(monkeypatch):
+    """Ceilings and dispatch overhead as constants: the tests that use this check wiring, not speed."""
+    ceilings = {
+        "copy_gbps": 10.0,
+        "matmul_bfloat16_tflops": 1.0,
+        "matmul_float32_tflops": 1.0,
+        "bf16_tflops": 1.0,
+    }
+    monkeypatch.setattr(bench, "measure_ceilings", lambda device, dtype: dict(ceilings))
+    monkeypatch.setattr(bench, "measure_call_us", lambda device, call: {"p20": 9.0, "p50": 10.0, "p80": 11.0})
+
+
+def test_cli_warns_when_the_machine_was_busy(monkeypatch, no_ceiling_runs, capsys):
+    monkeypatch.setattr(bench, "measure_case", _fake_timings(spread_factor=4.0))
+    assert cli.main(["bench", "--ops", "loss", "--sizes", "8x16", "--repeats", "1"]) == 0
+    captured = capsys.readouterr()
+    assert (
+        "| info_nce | N=8xM=8xD=16 | simcse_fast[torch] | forward | 2.500 | 1.000-4.000 | 4.00 |"
+        in captured.out
+    )
+    assert "warning: the machine was busy" in captured.err
+    assert "info_nce simcse_fast[torch] N=8xM=8xD=16" in captured.err
+
+
+def test_cli_is_quiet_on_an_idle_machine(monkeypatch, no_ceiling_runs, capsys):
+    monkeypatch.setattr(bench, "measure_case", _fake_timings(spread_factor=1.1))
+    assert cli.main(["bench", "--ops", "loss", "--sizes", "8x16", "--repeats", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_memory_budget_skips_what_would_not_fit(monkeypatch, no_ceiling_runs, tmp_path):
+    measured = []
+    fake = _fake_timings(spread_factor=1.1)
+
+    def measure(case, device, min_repeats):
+        measured.append(case.impl)
+        return fake(case, device, min_repeats)
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    document = bench.run_benchmark(
+        ops=("loss",), sizes={"loss": [(4096, 16)]}, device="cpu", min_repeats=1, progress=False,
+        memory_budget_gb=0.1,
+    )  # fmt: skip
+    assert document["memory_budget_gb"] == 0.1 and document["memory_budget_source"] == "given"
+    statuses = {row["impl"]: row["status"] for row in document["rows"]}
+    need_gb = bench.cases.NM_PEER_BUFFERS * 4096**2 * 4 / 1e9
+    assert statuses["reference (eager)"] == f"skipped: would need {need_gb:.1f} GB"
+    assert statuses["simcse_fast[torch]"] == "ok"
+    assert "reference (eager)" not in measured and "simcse_fast[torch]" in measured
+    written = {path.name for path in bench.write_results(document, tmp_path)}
+    assert "loss_time_memory.png" in written, "a skipped case is drawn at its estimated need"
+    assert (
+        f"| reference (eager) | forward | skipped: would need {need_gb:.1f} GB |"
+        in (tmp_path / "results.md").read_text()
+    )
+    with pytest.raises(ValueError, match="memory_budget_gb"):
+        bench.run_benchmark(ops=("loss",), sizes={"loss": [(8, 16)]}, device="cpu", memory_budget_gb=0)
+
+
+def test_run_benchmark_names_bad_arguments():
+    with pytest.raises(ValueError, match="ops"):
+        bench.run_benchmark(ops=("attention",), device="cpu")
+    with pytest.raises(ValueError, match="preset"):
+        bench.run_benchmark(preset="fast", device="cpu")
+    with pytest.raises(ValueError, match="min_repeats"):
+        bench.run_benchmark(device="cpu", min_repeats=0)
+
+
+def test_quick_sweeps_at_least_three_loss_sizes():
+    for device_type, shapes in bench.PRESETS["quick"].items():
+        sizes_by_dim: dict[int, set[int]] = {}
+        for n, d in shapes["loss"]:
+            sizes_by_dim.setdefault(d, set()).add(n)
+        assert all(len(sizes) >= 3 for sizes in sizes_by_dim.values()), device_type
+
+
+@pytest.mark.slow
+def test_quick_end_to_end_plots_the_loss_against_n(monkeypatch, no_ceiling_runs, tmp_path):
+    """``simcse-fast bench --quick --ops loss`` with the real preset and cases and synthetic
+    timings (the real sweep takes tens of seconds): every implementation gets a row at each of
+    the sweep's sizes and the plot is written."""
+    monkeypatch.setattr(bench, "measure_case", _fake_timings(spread_factor=1.1))
+    assert cli.main(["bench", "--quick", "--ops", "loss", "--device", "cpu", "--out", str(tmp_path)]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    swept = {}
+    for row in document["rows"]:
+        swept.setdefault(row["impl"], set()).add(row["shape"]["N"])
+    assert {"simcse_fast[torch]", "reference (eager)"} <= set(swept)
+    assert all(len(sizes) >= 3 for sizes in swept.values()), swept
+    assert (tmp_path / "loss_time_memory.png").stat().st_size > 0
+
+
+def test_dispatch_overhead_is_reported(tiny_run):
+    overhead = tiny_run["dispatch_overhead_us"]
+    assert {"simcse_fast[torch]", "reference (eager)"} <= set(overhead)
+    for stats in overhead.values():
+        assert 0 < stats["p20"] <= stats["p50"] <= stats["p80"]
+    assert tiny_run["dispatch_shape"] == list(bench.DISPATCH_SHAPE)
+    assert "Dispatch overhead: one masked_mean_pool forward on B=1, L=1, H=8" in bench.markdown_table(
+        tiny_run
+    )
+
+
+def test_packed_pooling_against_the_padded_op(no_ceiling_runs):
+    document = bench.run_benchmark(
+        ops=("packed",), sizes={"packed": [(3, 5, 16)]}, device="cpu", min_repeats=1, progress=False
+    )
+    assert {row["op"] for row in document["rows"]} == {"packed_mean_pool", "packed_max_pool"}
+    impls = {row["impl"] for row in document["rows"]}
+    assert {
+        "simcse_fast[torch]",
+        "reference (eager)",
+        "simcse_fast[torch] masked_mean_pool (padded)",
+    } <= impls
+    for row in document["rows"]:
+        shape = row["shape"]
+        assert (shape["B"], shape["L"], shape["H"]) == (3, 5, 16) and 3 <= shape["T"] <= 15
+        moved = bench.packed_pooling_bytes(shape["T"], 3, 16, element_size=4)[row["pass"]]
+        assert row["gbps"] == pytest.approx(moved / (row["median_ms"] / 1e3) / 1e9)
