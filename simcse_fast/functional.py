@@ -32,6 +32,28 @@ def _pool(mode: str, packed: bool, token_embeddings: Tensor, layout: Tensor, bac
 
 POOLING_DTYPES = {name: backend.dtypes for name, backend in pooling.POOLING_BACKENDS.items()}
 
+OP_FAMILIES = {
+    "pooling: masked_mean_pool, masked_max_pool, packed_mean_pool, packed_max_pool": POOLING_DTYPES,
+    "loss: similarity_logsumexp, info_nce, the sentence-transformers losses": similarity.LOSS_BACKENDS,
+}
+"""Each op family's backend table, as its module declares it: what ``resolve_backend`` allows."""
+
+
+def backend_table() -> str:
+    """The backend tables of :data:`OP_FAMILIES` as one markdown table (the README's), each
+    cell the dtypes a backend takes for that family."""
+    names = ("triton", "cuda", "torch")
+    lines = ["| ops | " + " | ".join(f"`{name}`" for name in names) + " |", "| --- |" + " --- |" * len(names)]
+    for family, supported in OP_FAMILIES.items():
+        cells = [
+            ", ".join(str(dtype).removeprefix("torch.") for dtype in supported[name])
+            if name in supported
+            else "-"
+            for name in names
+        ]
+        lines.append(f"| {family} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
 
 def masked_mean_pool(
     token_embeddings: Tensor, attention_mask: Tensor, *, backend: str | None = None

@@ -27,6 +27,7 @@ elements, the size of its input. The backward pass writes every element of the g
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -275,6 +276,7 @@ def wave_efficiency(ctas: int, ctas_per_sm: int, sms: int = H100_SMS) -> float:
     return ctas / slots / -(-ctas // slots)
 
 
+@functools.lru_cache(maxsize=1024)
 def pooling_config(kind: str, batch: int, hidden: int) -> PoolingConfig:
     """The launch configuration of kernel ``kind`` (``"mean_forward"``, ...) for ``batch``
     sequences of hidden size ``hidden``: among the blocks no wider than needed to cover
@@ -307,12 +309,10 @@ def _geometry(x: Tensor, layout: Tensor, packed: bool) -> tuple[int, int, int, i
     return x.shape[0], x.shape[1], x.stride(0), x.stride(1)
 
 
-def _pooled_outputs(mode: str, batch: int, x: Tensor) -> tuple[Tensor, Tensor]:
-    """``(pooled (B, H), argmax)``: the int32 argmax is ``(B, H)`` for max, empty for mean."""
-    hidden = x.shape[-1]
-    pooled = torch.empty((batch, hidden), dtype=x.dtype, device=x.device)
-    argmax_shape = (batch, hidden) if mode == "max" else (0,)
-    return pooled, torch.empty(argmax_shape, dtype=torch.int32, device=x.device)
+def _pooled_outputs(mode: str, batch: int, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    """``(pooled (B, H), argmax)``: the int32 argmax ``(B, H)`` for max, ``None`` for mean."""
+    pooled = torch.empty((batch, x.shape[-1]), dtype=x.dtype, device=x.device)
+    return pooled, torch.empty(pooled.shape, dtype=torch.int32, device=x.device) if mode == "max" else None
 
 
 def triton_forward(
@@ -407,14 +407,17 @@ def _cuda_layout(layout: Tensor, packed: bool) -> tuple[Tensor, dict]:
     return mask, fields
 
 
-def cuda_forward(mode: str, token_embeddings: Tensor, layout: Tensor, packed: bool) -> tuple[Tensor, Tensor]:
+def cuda_forward(
+    mode: str, token_embeddings: Tensor, layout: Tensor, packed: bool
+) -> tuple[Tensor, Tensor | None]:
     """Pool by the CUDA kernels; arguments and results as :func:`triton_forward`."""
     x = _unit_hidden_stride(token_embeddings)
     batch, seq_len, stride_x_batch, stride_x_seq = _geometry(x, layout, packed)
     pooled, argmax = _pooled_outputs(mode, batch, x)
     kept_alive, layout_fields = _cuda_layout(layout, packed)
     _launch_cuda(
-        f"{mode}_forward", x.device, x=x.data_ptr(), out=pooled.data_ptr(), argmax=argmax.data_ptr(),
+        f"{mode}_forward", x.device, x=x.data_ptr(), out=pooled.data_ptr(),
+        argmax=0 if argmax is None else argmax.data_ptr(),
         batch=batch, seq_len=seq_len, hidden=x.shape[-1], stride_x_batch=stride_x_batch,
         stride_x_seq=stride_x_seq, dtype=CUDA_DTYPES[x.dtype], **layout_fields,
     )  # fmt: skip
@@ -430,7 +433,8 @@ def cuda_backward(
     kept_alive, layout_fields = _cuda_layout(layout, packed)
     _launch_cuda(
         f"{mode}_backward", grad_out.device, grad_out=grad_out.data_ptr(), grad_x=grad_x.data_ptr(),
-        argmax=argmax.data_ptr(), batch=grad_out.shape[0], seq_len=0 if packed else token_shape[1],
+        argmax=0 if argmax is None else argmax.data_ptr(), batch=grad_out.shape[0],
+        seq_len=0 if packed else token_shape[1],
         hidden=grad_out.shape[1], stride_grad_batch=grad_out.stride(0), stride_grad_hidden=grad_out.stride(1),
         dtype=CUDA_DTYPES[grad_out.dtype], **layout_fields,
     )  # fmt: skip
@@ -469,12 +473,16 @@ def _register_pooling_op(name: str, mode: str, packed: bool):
     """Register ``simcse_fast::{name}`` ``(token_embeddings, layout, implementation) -> (pooled,
     argmax)`` and its backward op ``simcse_fast::{name}_backward``; returns the forward op."""
 
+    # A custom op returns tensors only: mean's missing argmax travels as an empty tensor.
+    def with_argmax(pooled: Tensor, argmax: Tensor | None) -> tuple[Tensor, Tensor]:
+        return pooled, pooled.new_empty((0,), dtype=torch.int32) if argmax is None else argmax
+
     def forward(token_embeddings: Tensor, layout: Tensor, implementation: str) -> tuple[Tensor, Tensor]:
-        return POOLING_BACKENDS[implementation].forward(mode, token_embeddings, layout, packed)
+        return with_argmax(*POOLING_BACKENDS[implementation].forward(mode, token_embeddings, layout, packed))
 
     def forward_fake(token_embeddings: Tensor, layout: Tensor, implementation: str) -> tuple[Tensor, Tensor]:
         batch = layout.shape[0] - 1 if packed else token_embeddings.shape[0]
-        return _pooled_outputs(mode, batch, token_embeddings)
+        return with_argmax(*_pooled_outputs(mode, batch, token_embeddings))
 
     def backward(
         grad_out: Tensor, layout: Tensor, argmax: Tensor, token_shape: list[int], implementation: str
@@ -517,9 +525,33 @@ OPS = {
 }
 
 
+class _EagerPool(torch.autograd.Function):
+    """The custom ops' launchers and autograd formula without the torch.library dispatcher, for
+    eager calls: the dispatcher costs 26 µs a call without gradient and 56 µs with it (measured
+    on CPU with a no-op launcher, ``benchmarks/dispatch_overhead.py``), more than the kernels take
+    at SimCSE's shape; this path costs a few µs."""
+
+    @staticmethod
+    def forward(ctx, token_embeddings, layout, mode, packed, implementation):
+        backend = POOLING_BACKENDS[implementation]
+        pooled, argmax = backend.forward(mode, token_embeddings, layout, packed)
+        ctx.save_for_backward(layout, argmax)
+        ctx.arguments = (mode, list(token_embeddings.shape), packed, backend)
+        return pooled
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        layout, argmax = ctx.saved_tensors
+        mode, token_shape, packed, backend = ctx.arguments
+        return backend.backward(mode, grad_out, layout, argmax, token_shape, packed), None, None, None, None
+
+
 def pool(mode: str, packed: bool, token_embeddings: Tensor, layout: Tensor, implementation: str) -> Tensor:
-    """``(B, H)`` pooled by backend ``implementation`` (inputs already checked)."""
+    """``(B, H)`` pooled by backend ``implementation`` (inputs already checked): the custom op
+    when ``torch.compile`` traces, the same launchers through :class:`_EagerPool` otherwise."""
     if POOLING_BACKENDS[implementation].forward is None:
         return getattr(reference, f"{'packed' if packed else 'masked'}_{mode}_pool")(token_embeddings, layout)
-    pooled, _ = OPS[mode, packed](token_embeddings, layout, implementation)
-    return pooled
+    if torch.compiler.is_compiling():
+        pooled, _ = OPS[mode, packed](token_embeddings, layout, implementation)
+        return pooled
+    return _EagerPool.apply(token_embeddings, layout, mode, packed, implementation)

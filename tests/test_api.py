@@ -139,3 +139,19 @@ def test_in_batch_negatives_loss_rejects_bad_layouts(docs, kwargs, message):
     kwargs = {"n_local": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         in_batch_negatives_loss(torch.randn(4, 8), docs, **kwargs)
+
+
+def test_readme_backend_table_is_the_declared_one():
+    """The README's per-op-family backend table is generated from the declarations that
+    resolve_backend reads (pooling.POOLING_BACKENDS, similarity.LOSS_BACKENDS)."""
+    from pathlib import Path
+
+    from simcse_fast import functional
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert functional.backend_table() in readme
+
+
+def test_requested_backend_without_the_dtype_explains():
+    with pytest.raises(ValueError, match="backend='cuda' cannot run here: its masked_mean_pool takes"):
+        sf.masked_mean_pool(torch.randn(2, 3, 4, dtype=torch.float64), torch.ones(2, 3), backend="cuda")
