@@ -230,15 +230,23 @@ class PoolingConfig:
     num_warps: int
 
 
-TILE_ELEMENTS = 4096
-"""Elements per ``BLOCK_L x BLOCK_H`` tile: 32 per thread at 4 warps, i.e. four 16-byte loads of
-a half-precision tile per thread, all in flight before any is used."""
+KINDS = ("mean_forward", "mean_backward", "max_forward", "max_backward")
 
-POOLING_CONFIGS = tuple(
-    PoolingConfig(block_l=TILE_ELEMENTS // block_h, block_h=block_h, num_warps=4)
-    for block_h in (64, 128, 256)
-)
-"""Every configuration the launchers can pick; the ahead-of-time compile test builds them all."""
+TILE_ELEMENTS = {"mean_forward": 4096, "mean_backward": 4096, "max_forward": 2048, "max_backward": 4096}
+"""Elements per ``BLOCK_L x BLOCK_H`` tile of each kernel kind: 32 per thread at 4 warps, four
+16-byte loads of a half-precision tile per thread, all in flight before any is used. The max
+forward kernel keeps a value and a position per element, so it takes half the tile (two loads a
+thread, more CTAs per SM: the same bytes in flight) and stays clear of spills on older Tritons."""
+
+BLOCK_WIDTHS = (64, 128, 256)
+
+POOLING_CONFIGS = {
+    (kind, block_h): PoolingConfig(block_l=TILE_ELEMENTS[kind] // block_h, block_h=block_h, num_warps=4)
+    for kind in KINDS
+    for block_h in BLOCK_WIDTHS
+}
+"""Every configuration the launchers can pick, by (kernel kind, ``BLOCK_H``); the ahead-of-time
+compile test builds them all."""
 
 PIPELINED_STAGES = 2
 """``tl.range`` stages of the forward loops when ``x`` allows 16-byte accesses: Triton's pipeliner
@@ -257,12 +265,12 @@ H100_SMS = 132
 
 CTAS_PER_SM = {
     ("mean_forward", 64): 9, ("mean_forward", 128): 9, ("mean_forward", 256): 9,
-    ("max_forward", 64): 4, ("max_forward", 128): 4, ("max_forward", 256): 4,
+    ("max_forward", 64): 8, ("max_forward", 128): 8, ("max_forward", 256): 7,
     ("mean_backward", 64): 16, ("mean_backward", 128): 16, ("mean_backward", 256): 16,
     ("max_backward", 64): 8, ("max_backward", 128): 16, ("max_backward", 256): 8,
 }  # fmt: skip
 """CTAs of each kernel (kind, ``BLOCK_H``) one H100 SM holds at once, from the registers of its
-sm_90 compile (bf16, padded): ``65536 / (registers rounded up to 8 x 128 threads)``, at most 16
+sm_90 compile (bf16, padded, Triton 3.9): ``65536 / (registers rounded up to 8 x 128 threads)``, at most 16
 (2048 threads). ``tests/test_aot.py`` recomputes them from the compiled kernels."""
 
 
@@ -284,8 +292,9 @@ def pooling_config(kind: str, batch: int, hidden: int) -> PoolingConfig:
     efficiency on an H100 (:func:`wave_efficiency`). At SimCSE's shape (B = 512, H = 768) the
     mean forward pass would run 1.29 waves (65%) of 256-column blocks, so it takes 128 columns
     (2.6 waves, 86%); at B = 256, H = 1024 its 1024 CTAs of 256 columns fit one wave."""
-    candidates = [config for config in POOLING_CONFIGS if config.block_h < hidden]
-    candidates += [config for config in POOLING_CONFIGS if config.block_h >= hidden][:1]
+    configs = [POOLING_CONFIGS[kind, block_h] for block_h in BLOCK_WIDTHS]
+    candidates = [config for config in configs if config.block_h < hidden]
+    candidates += [config for config in configs if config.block_h >= hidden][:1]
     efficiency = {
         config: wave_efficiency(batch * -(-hidden // config.block_h), CTAS_PER_SM[kind, config.block_h])
         for config in candidates

@@ -96,16 +96,11 @@ def pooling_cases():
         ("bf16", "fp32", "i64", True, True),
         ("fp16", "i32", "i32", False, True),
     ]
-    kernels = [
-        "_mean_pool_forward_kernel",
-        "_mean_pool_backward_kernel",
-        "_max_pool_forward_kernel",
-        "_max_pool_backward_kernel",
-    ]
-    for config in pooling.POOLING_CONFIGS:
+    for (kind, _), config in pooling.POOLING_CONFIGS.items():
         blocks = {"BLOCK_L": config.block_l, "BLOCK_H": config.block_h}
-        for (dtype, mask_dtype, offsets_dtype, aligned, int64_strides), packed, name in itertools.product(
-            variants, (False, True), kernels
+        name = f"_{kind.replace('_', '_pool_', 1)}_kernel"
+        for (dtype, mask_dtype, offsets_dtype, aligned, int64_strides), packed in itertools.product(
+            variants, (False, True)
         ):
             if packed and (dtype, mask_dtype) not in (("bf16", "u8"), ("fp16", "i32")):
                 continue  # a packed batch has no mask: one variant per offset dtype and alignment suffices

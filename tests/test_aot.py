@@ -37,8 +37,8 @@ def pooling_results() -> list[dict]:
 def test_pooling_kernels_compile_for_sm90_without_spills(pooling_results):
     from simcse_fast.pooling import POOLING_CONFIGS
 
-    # Per configuration and kernel: 7 padded variants and 2 packed ones.
-    assert len(pooling_results) == len(POOLING_CONFIGS) * 4 * (7 + 2)
+    # Per configuration (kernel kind x block width): 7 padded variants and 2 packed ones.
+    assert len(pooling_results) == len(POOLING_CONFIGS) * (7 + 2)
     spilled = [r["case"] for r in pooling_results if r["local"] > 0 or r["stack"] > 0]
     assert not spilled, f"register spills (local memory) in: {spilled}"
     assert all(0 < r["reg"] <= 255 for r in pooling_results)
@@ -59,7 +59,8 @@ def test_pooling_forward_issues_every_load_of_a_tile_before_using_it(pooling_res
     """The load schedule: x is read under its bounds only, so Triton's pipeliner turns each
     tile's loads into asynchronous 16-byte copies (LDGSTS), all issued before the tile is summed
     (one tile in the prologue, the next inside the loop while this one is consumed). A tile of
-    4096 elements over 128 threads is 32 elements a thread: 4 copies in half precision, 8 in fp32."""
+    4096 elements over 128 threads is 32 elements a thread: 4 copies in half precision, 8 in fp32
+    (half of that for the max kernel's tile of 2048)."""
     from simcse_fast.pooling import TILE_ELEMENTS
 
     checked = 0
@@ -68,7 +69,8 @@ def test_pooling_forward_issues_every_load_of_a_tile_before_using_it(pooling_res
         if "_forward_" not in result["kernel"] or " aligned" not in case or "=fp64" in case:
             continue
         element_size = 4 if "x_ptr=fp32" in case else 2
-        copies_per_tile = TILE_ELEMENTS * element_size // (128 * 16)
+        kind = result["kernel"].removeprefix("_").removesuffix("_kernel").replace("_pool", "")
+        copies_per_tile = TILE_ELEMENTS[kind] * element_size // (128 * 16)
         assert result["async_copies"] >= 2 * copies_per_tile, result
         checked += 1
     assert checked > 0
@@ -77,7 +79,9 @@ def test_pooling_forward_issues_every_load_of_a_tile_before_using_it(pooling_res
 def test_pooling_occupancy_table_matches_the_compiled_kernels(pooling_results):
     """``pooling.CTAS_PER_SM`` (the wave model that picks the blocks) is what the registers and
     shared memory of the bf16 padded kernels allow on an SM of 64K registers, 228 KB of shared
-    memory (1 KB reserved per CTA) and 2048 threads."""
+    memory (1 KB reserved per CTA) and 2048 threads. The table is Triton 3.9's; other releases
+    allocate registers a little differently (3.6: 8 CTAs of the 256-column max forward kernel
+    where 3.9 fits 7), so one CTA either way is the model's tolerance."""
     from simcse_fast.pooling import CTAS_PER_SM
 
     seen = set()
@@ -89,7 +93,7 @@ def test_pooling_occupancy_table_matches_the_compiled_kernels(pooling_results):
         registers = -(-result["reg"] // 8) * 8
         by_registers = 65536 // (registers * 128)
         by_shared = 228 * 1024 // (result["dynamic_shared"] + 1024)
-        assert CTAS_PER_SM[kind, result["block_h"]] == min(16, by_registers, by_shared), result
+        assert abs(CTAS_PER_SM[kind, result["block_h"]] - min(16, by_registers, by_shared)) <= 1, result
         seen.add((kind, result["block_h"]))
     assert seen == set(CTAS_PER_SM)
 
