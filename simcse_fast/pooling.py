@@ -341,7 +341,7 @@ def triton_forward(
     mask_strides = (0, 0) if packed else mask.stride()
     outputs = (pooled, argmax) if mode == "max" else (pooled,)
     kernel = _max_pool_forward_kernel if mode == "max" else _mean_pool_forward_kernel
-    kernel[(batch, triton.cdiv(hidden, config.block_h))](
+    kernel[(batch, -(-hidden // config.block_h))](
         x, mask, layout, *outputs, seq_len, hidden, stride_x_batch, stride_x_seq, *mask_strides,
         PACKED=packed, BLOCK_L=config.block_l, BLOCK_H=config.block_h,
         ACC_DTYPE=_accumulation_dtype(x.dtype), NUM_STAGES=_forward_stages(x), num_warps=config.num_warps,
@@ -360,7 +360,7 @@ def triton_backward(
         return grad_x
     config = pooling_config(f"{mode}_backward", batch, hidden)
     seq_len = 0 if packed else token_shape[1]
-    grid = (batch, triton.cdiv(hidden, config.block_h))
+    grid = (batch, -(-hidden // config.block_h))
     blocks = {"PACKED": packed, "BLOCK_L": config.block_l, "BLOCK_H": config.block_h}
     grad_strides = grad_out.stride()
     if mode == "max":
