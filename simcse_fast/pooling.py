@@ -536,9 +536,9 @@ OPS = {
 
 class _EagerPool(torch.autograd.Function):
     """The custom ops' launchers and autograd formula without the torch.library dispatcher, for
-    eager calls: the dispatcher costs 26 µs a call without gradient and 56 µs with it (measured
-    on CPU with a no-op launcher, ``benchmarks/dispatch_overhead.py``), more than the kernels take
-    at SimCSE's shape; this path costs a few µs."""
+    eager calls: the dispatcher adds ~19 µs a call without gradient and ~45 µs with it (CPU, the
+    kernel launch stubbed: ``benchmarks/dispatch_overhead.py``), more than the kernels take at
+    SimCSE's shape."""
 
     @staticmethod
     def forward(ctx, token_embeddings, layout, mode, packed, implementation):
