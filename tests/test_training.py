@@ -38,7 +38,11 @@ def sentence_transformers_model(folder, mode="mean"):
 
     st = pytest.importorskip("sentence_transformers")
     transformer = st_modules.Transformer(str(folder))
-    pooling = st_modules.Pooling(transformer.get_embedding_dimension(), pooling_mode=mode)
+    # get_word_embedding_dimension before sentence-transformers 5.4
+    dimension = (
+        getattr(transformer, "get_embedding_dimension", None) or transformer.get_word_embedding_dimension
+    )
+    pooling = st_modules.Pooling(dimension(), pooling_mode=mode)
     return st.SentenceTransformer(modules=[transformer, pooling], device="cpu")
 
 

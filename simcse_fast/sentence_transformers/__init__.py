@@ -9,7 +9,9 @@
 ``losses`` holds ``MultipleNegativesRankingLoss``, ``MultipleNegativesSymmetricRankingLoss`` and
 ``CachedMultipleNegativesRankingLoss``; ``models`` holds ``Pooling`` and ``apply_fused_pooling``
 (swap the Pooling modules of an existing model in place) with its inverse ``restore_pooling``.
-Needs sentence-transformers >= 3.0 (``pip install sentence-transformers``).
+Needs sentence-transformers >= 3.4.1 (``pip install sentence-transformers``). Its private
+methods are overridden only where their signature is the expected one (checked at import);
+elsewhere its own code runs.
 """
 
 from . import losses, models

@@ -1,6 +1,6 @@
-"""The parts of sentence-transformers the drop-ins build on, across its module layouts: 6.x
-keeps them in ``sentence_transformers.sentence_transformer.{losses,modules}``, older releases
-in ``sentence_transformers.{losses,models}``."""
+"""The parts of sentence-transformers the drop-ins build on, across its module layouts: 5.4 and
+later keep them in ``sentence_transformers.sentence_transformer.{losses,modules}``, older
+releases in ``sentence_transformers.{losses,models}``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ try:
     import sentence_transformers  # noqa: F401
 except ImportError as error:
     raise ImportError(
-        "simcse_fast.sentence_transformers needs sentence-transformers >= 3.0: "
+        "simcse_fast.sentence_transformers needs sentence-transformers >= 3.4.1: "
         "pip install sentence-transformers"
     ) from error
 

@@ -114,17 +114,18 @@ def _fused_options(loss, default_directions=("query_to_doc",), default_partition
     }
 
 
-_BASE_COMPUTES_FROM_EMBEDDINGS = hasattr(
-    st_losses.MultipleNegativesRankingLoss, "compute_loss_from_embeddings"
-)
-
-
 class _FusedInBatchNegatives:
     """Mixin: ``compute_loss_from_embeddings`` through the fused primitive, with the
     sentence-transformers computation as the fallback."""
 
     _default_directions = ("query_to_doc",)
     _default_partition_mode = "joint"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # Whether the sentence-transformers class has compute_loss_from_embeddings, which its
+        # forward then calls: MultipleNegativesRankingLoss from 5.0, the symmetric one from 5.3.
+        cls._base_computes_from_embeddings = hasattr(super(), "compute_loss_from_embeddings")
 
     def fused_options(self) -> dict:
         return _fused_options(self, self._default_directions, self._default_partition_mode)
@@ -134,7 +135,7 @@ class _FusedInBatchNegatives:
         if reason is None:
             return fused_in_batch_negatives_loss(list(embeddings), **self.fused_options())
         _warn_fallback(self, reason)
-        if _BASE_COMPUTES_FROM_EMBEDDINGS:
+        if self._base_computes_from_embeddings:
             return super().compute_loss_from_embeddings(embeddings, labels)
         raise NotImplementedError(
             f"{reason}: this sentence-transformers release computes it only from token features; "
@@ -142,7 +143,11 @@ class _FusedInBatchNegatives:
         )
 
     def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
-        if _BASE_COMPUTES_FROM_EMBEDDINGS or _unfusable_reason(self) is not None:
+        if self._base_computes_from_embeddings:
+            return super().forward(sentence_features, labels)
+        reason = _unfusable_reason(self)
+        if reason is not None:
+            _warn_fallback(self, reason)
             return super().forward(sentence_features, labels)
         embeddings = [self.model(features)["sentence_embedding"] for features in sentence_features]
         return self.compute_loss_from_embeddings(embeddings, labels)
@@ -179,8 +184,8 @@ class CachedMultipleNegativesRankingLoss(st_losses.CachedMultipleNegativesRankin
         reason = _unfusable_reason(self)
         if reason is not None:
             _warn_fallback(self, reason)
-            return super().calculate_loss(reps, **_labels_if_accepted(super().calculate_loss, labels),
-                                          with_backward=with_backward)  # fmt: skip
+            options = _accepted(super().calculate_loss, labels=labels, with_backward=with_backward)
+            return super().calculate_loss(reps, **options)
         embeddings = [torch.cat(column) for column in reps]
         loss = fused_in_batch_negatives_loss(embeddings, **_fused_options(self))
         if with_backward:
@@ -189,5 +194,8 @@ class CachedMultipleNegativesRankingLoss(st_losses.CachedMultipleNegativesRankin
         return loss
 
 
-def _labels_if_accepted(method, labels) -> dict:
-    return {"labels": labels} if "labels" in inspect.signature(method).parameters else {}
+def _accepted(method, **arguments) -> dict:
+    """The ``arguments`` that ``method`` takes: ``labels`` arrived in 6.x, ``with_backward`` in 3.4;
+    before, sentence-transformers never asks for the backward here."""
+    parameters = inspect.signature(method).parameters
+    return {name: value for name, value in arguments.items() if name in parameters}

@@ -2,28 +2,43 @@
 
 ``Pooling`` takes the same constructor arguments and config (all modes, ``include_prompt``,
 save/load) as sentence-transformers' module; ``mean`` and ``max`` run on
-``simcse_fast.masked_mean_pool`` / ``masked_max_pool``, every other mode on
-sentence-transformers' own code. One deliberate difference: a row with no token left (all
-padding, or only prompt tokens with ``include_prompt=False``) max-pools to zeros, where
-sentence-transformers gives ``-inf``.
+``simcse_fast.masked_mean_pool`` / ``masked_max_pool`` (padded batches) and
+``packed_mean_pool`` / ``packed_max_pool`` (flattened batches with ``cu_seq_lens_q``), every
+other mode on sentence-transformers' own code. So does ``mean`` with a floating attention mask
+(sentence-transformers then takes the mask-weighted mean; the fused kernel counts tokens) or
+with ``token_weights_sum`` in the features. One deliberate difference: a row with no token left
+(all padding, or only prompt tokens with ``include_prompt=False``) max-pools to zeros, where
+sentence-transformers gives ``-inf`` (``-1e9`` before 5.4).
+
+sentence-transformers' private methods change between releases, so each one is overridden only
+where its signature is the one this module was written against (checked at import):
+``_forward_padded`` and ``_forward_flattened`` (5.4 and later; ``prompt_length`` is passed on
+only where they take it), and ``forward`` itself for releases that pool inline with one boolean
+per mode (3.x to 5.3). Anything else runs sentence-transformers' code unfused, after one
+warning at import.
 
 Saving: a ``SentenceTransformer`` records each module's class by its import path, and
 sentence-transformers refuses to import classes from other packages unless told to trust remote
 code. The fused ``Pooling`` therefore presents itself under sentence-transformers' own path
 (its ``__module__``): a saved model names sentence-transformers' ``Pooling``, with the same
 config, and loads in plain sentence-transformers, simcse_fast installed or not. Call
-``apply_fused_pooling`` after loading to get the fused kernels again. (Pickling a fused
-``Pooling`` object likewise restores sentence-transformers' class: same results, unfused.)
+``apply_fused_pooling`` after loading to get the fused kernels again. Pickling (``torch.save``
+of a whole model, multi-process encoding) likewise rebuilds sentence-transformers' class with
+the same state: same results, unfused. ``copy.copy`` and ``copy.deepcopy`` keep the fused
+class.
 
-``apply_fused_pooling(model)`` swaps the Pooling modules of an existing ``SentenceTransformer``
-in place (the Liger-Kernel ``apply`` convention); ``restore_pooling(model)`` swaps them back.
+``apply_fused_pooling(model)`` swaps every Pooling module of an existing ``SentenceTransformer``
+in place, nested ones (in a ``Router`` route, an ``Asym``) included (the Liger-Kernel ``apply``
+convention); ``restore_pooling(model)`` swaps them back.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
+import torch
 from torch import Tensor
 
 from .. import functional
@@ -31,82 +46,250 @@ from ._compat import st_modules
 
 __all__ = ["Pooling", "apply_fused_pooling", "restore_pooling"]
 
+_ST_POOLING = st_modules.Pooling
+
 FUSED_MODES = {"mean": functional.masked_mean_pool, "max": functional.masked_max_pool}
-_HAS_PADDED_FORWARD = hasattr(st_modules.Pooling, "_forward_padded")
+PACKED_MODES = {"mean": functional.packed_mean_pool, "max": functional.packed_max_pool}
+
+# Releases before 5.4 store one boolean per mode; their forward concatenates in this order.
+_LEGACY_MODE_FLAGS = {
+    "cls": "pooling_mode_cls_token",
+    "max": "pooling_mode_max_tokens",
+    "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
 
 
-class Pooling(st_modules.Pooling):
-    """sentence-transformers' ``Pooling`` with ``mean`` and ``max`` on the fused kernels."""
-
-    def _modes(self) -> tuple[str, ...]:
-        mode = getattr(self, "pooling_mode", None)
-        if mode is None:  # releases before 5.x: one boolean per mode
-            return tuple(
-                name for name in ("cls", "max", "mean") if getattr(self, f"pooling_mode_{name}_tokens", False)
-            )
-        return (mode,) if isinstance(mode, str) else tuple(mode)
-
-    def _forward_padded(
-        self, token_embeddings: Tensor, attention_mask: Tensor, features: dict, prompt_length=None
-    ):
-        modes = self._modes()
-        fused = {mode for mode in modes if mode in FUSED_MODES}
-        if "token_weights_sum" in features:
-            fused.discard("mean")  # the mean is then divided by the given weights, not the token count
-        if not fused:
-            return super()._forward_padded(
-                token_embeddings, attention_mask, features, prompt_length=prompt_length
-            )
-        mask = (
-            self._exclude_prompt_from_mask(attention_mask, prompt_length) if prompt_length else attention_mask
-        )
-        others = [mode for mode in modes if mode not in fused]
-        other_vectors = iter(self._unfused(others, token_embeddings, attention_mask, features, prompt_length))
-        return [
-            FUSED_MODES[mode](token_embeddings, mask) if mode in fused else next(other_vectors)
-            for mode in modes
-        ]
-
-    def _unfused(self, modes, token_embeddings, attention_mask, features, prompt_length) -> list[Tensor]:
-        """sentence-transformers' own code for ``modes``, on a shallow copy configured for them."""
-        if not modes:
-            return []
-        view = copy.copy(self)
-        object.__setattr__(view, "pooling_mode", modes[0] if len(modes) == 1 else tuple(modes))
-        return st_modules.Pooling._forward_padded(
-            view, token_embeddings, attention_mask, features, prompt_length=prompt_length
-        )
+def _parameter_names(name: str) -> list[str] | None:
+    method = getattr(_ST_POOLING, name, None)
+    return None if method is None else list(inspect.signature(method).parameters)
 
 
-# Saved models name the class by this path: sentence-transformers' own (module docstring).
-Pooling.__module__ = st_modules.Pooling.__module__
+def _takes(name: str, leading: list[str], optional: set[str]) -> tuple[bool, bool]:
+    """Whether sentence-transformers' ``Pooling.<name>`` has exactly the ``leading`` parameters
+    followed by some of ``optional``, and whether it takes ``prompt_length``."""
+    names = _parameter_names(name)
+    if names is None or names[: len(leading)] != leading or not set(names[len(leading) :]) <= optional:
+        return False, False
+    return True, "prompt_length" in names
 
 
-if not _HAS_PADDED_FORWARD:
+_PADDED, _PADDED_TAKES_PROMPT = _takes(
+    "_forward_padded", ["self", "token_embeddings", "attention_mask", "features"], {"prompt_length"}
+)
+_FLATTENED, _FLATTENED_TAKES_PROMPT = _takes(
+    "_forward_flattened", ["self", "token_embeddings", "features"], {"prompt_length"}
+)
+# Releases without _forward_padded pool inline in forward(features), one boolean per mode.
+_LEGACY = (
+    _parameter_names("_forward_padded") is None
+    and _takes("forward", ["self", "features"], {"kwargs"})[0]
+    and set(_LEGACY_MODE_FLAGS.values()) <= set(inspect.signature(_ST_POOLING.__init__).parameters)
+)
+
+if not (_PADDED or _LEGACY):
     warnings.warn(
-        "simcse_fast.sentence_transformers.models.Pooling: this sentence-transformers release has no "
-        "Pooling._forward_padded; Pooling runs sentence-transformers' code unchanged (no fusion).",
+        "simcse_fast.sentence_transformers.models.Pooling: this sentence-transformers release's Pooling "
+        "has neither the _forward_padded(token_embeddings, attention_mask, features[, prompt_length]) nor "
+        "the per-mode boolean layout this module knows; Pooling runs sentence-transformers' code unfused.",
         UserWarning,
         stacklevel=2,
     )
 
 
+def _st_forward_padded(module, token_embeddings, attention_mask, features, prompt_length):
+    # Before 6.2 forward() excludes the prompt from the mask itself and never passes prompt_length.
+    extra = {"prompt_length": prompt_length} if _PADDED_TAKES_PROMPT else {}
+    return _ST_POOLING._forward_padded(module, token_embeddings, attention_mask, features, **extra)
+
+
+def _st_forward_flattened(module, token_embeddings, features, prompt_length):
+    extra = {"prompt_length": prompt_length} if _FLATTENED_TAKES_PROMPT else {}
+    return _ST_POOLING._forward_flattened(module, token_embeddings, features, **extra)
+
+
+def _packed_without_prompt(pool, tokens: Tensor, cu_seqlens: Tensor, prompt_length: int) -> Tensor:
+    """``pool`` over each sequence's tokens after its first ``prompt_length`` (none left: an
+    empty sequence). Each sequence is split in two segments, prompt and rest, and the rests are
+    kept: no host sync, one pass over the tokens."""
+    starts, ends = cu_seqlens[:-1], cu_seqlens[1:]
+    cuts = torch.minimum(starts + prompt_length, ends)
+    split = torch.cat([torch.stack([starts, cuts], dim=1).flatten(), cu_seqlens[-1:]])
+    return pool(tokens, split)[1::2]
+
+
+class Pooling(_ST_POOLING):
+    """sentence-transformers' ``Pooling`` with ``mean`` and ``max`` on the fused kernels."""
+
+    def _modes(self) -> tuple[str, ...]:
+        """The pooling modes in output order."""
+        mode = getattr(self, "pooling_mode", None)
+        if isinstance(mode, str):
+            return (mode,)
+        if isinstance(mode, (tuple, list)):
+            return tuple(mode)
+        return tuple(name for name, flag in _LEGACY_MODE_FLAGS.items() if getattr(self, flag, False))
+
+    def _view(self, modes) -> Pooling:
+        """A shallow copy that pools only ``modes``: sentence-transformers' code runs on it for the
+        modes that are not fused."""
+        view = copy.copy(self)
+        if _LEGACY:
+            for name, flag in _LEGACY_MODE_FLAGS.items():
+                object.__setattr__(view, flag, name in modes)
+        else:
+            object.__setattr__(view, "pooling_mode", modes[0] if len(modes) == 1 else tuple(modes))
+        return view
+
+    @staticmethod
+    def _fused_modes(modes, features: dict, attention_mask: Tensor) -> set[str]:
+        """The modes among ``modes`` that the fused kernels compute exactly as
+        sentence-transformers does for these features."""
+        fused = {mode for mode in modes if mode in FUSED_MODES}
+        if "token_weights_sum" in features or attention_mask.is_floating_point():
+            # sentence-transformers then divides by the given weights or takes the mask-weighted
+            # mean; the kernel counts present tokens. Checked by dtype: no device sync.
+            fused.discard("mean")
+        return fused
+
+    def __reduce_ex__(self, protocol):
+        """Pickle as sentence-transformers' own ``Pooling`` with the same state (module
+        docstring): unpickling needs neither simcse_fast nor this class's import path, which
+        ``__module__`` makes point at sentence-transformers' class."""
+        # Not copyreg.__newobj__: pickle refuses it for an argument other than type(self).
+        return object.__new__, (_ST_POOLING,), self.__getstate__()
+
+    def __copy__(self) -> Pooling:
+        """A shallow copy of the fused class (pickling's route would give sentence-transformers')."""
+        clone = type(self).__new__(type(self))
+        clone.__setstate__(self.__getstate__())
+        return clone
+
+    def __deepcopy__(self, memo) -> Pooling:
+        """A deep copy of the fused class (pickling's route would give sentence-transformers')."""
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return clone
+
+    if _PADDED:
+
+        def _forward_padded(
+            self, token_embeddings: Tensor, attention_mask: Tensor, features: dict, prompt_length=None
+        ) -> list[Tensor]:
+            """One pooled vector per mode of a padded batch: the fused kernels for mean and max
+            (the prompt left out of their mask where ``prompt_length`` is given),
+            sentence-transformers' code for the rest."""
+            modes = self._modes()
+            fused = self._fused_modes(modes, features, attention_mask)
+            if not fused:
+                return _st_forward_padded(self, token_embeddings, attention_mask, features, prompt_length)
+            mask = (
+                self._exclude_prompt_from_mask(attention_mask, prompt_length)
+                if prompt_length
+                else attention_mask
+            )
+            others = [mode for mode in modes if mode not in fused]
+            other_vectors = iter(
+                _st_forward_padded(
+                    self._view(others), token_embeddings, attention_mask, features, prompt_length
+                )
+                if others
+                else []
+            )
+            return [
+                FUSED_MODES[mode](token_embeddings, mask) if mode in fused else next(other_vectors)
+                for mode in modes
+            ]
+
+    if _FLATTENED:
+
+        def _forward_flattened(
+            self, token_embeddings: Tensor, features: dict, prompt_length=None
+        ) -> list[Tensor]:
+            """One pooled vector per mode of a flattened batch (``features["cu_seq_lens_q"]``):
+            the packed kernels for mean and max, sentence-transformers' code for the rest."""
+            modes = self._modes()
+            fused = {mode for mode in modes if mode in PACKED_MODES}
+            if not fused:
+                return _st_forward_flattened(self, token_embeddings, features, prompt_length)
+            tokens = token_embeddings.squeeze(0)  # (1, total_tokens, H), as sentence-transformers reads it
+            cu_seqlens = features["cu_seq_lens_q"]
+            others = [mode for mode in modes if mode not in fused]
+            other_vectors = iter(
+                _st_forward_flattened(self._view(others), token_embeddings, features, prompt_length)
+                if others
+                else []
+            )
+            return [
+                (
+                    _packed_without_prompt(PACKED_MODES[mode], tokens, cu_seqlens, prompt_length)
+                    if prompt_length
+                    else PACKED_MODES[mode](tokens, cu_seqlens)
+                )
+                if mode in fused
+                else next(other_vectors)
+                for mode in modes
+            ]
+
+    if _LEGACY:
+
+        def forward(self, features: dict, **kwargs) -> dict:
+            """sentence-transformers' forward of releases before 5.4 (one boolean per mode,
+            fixed output order), with mean and max fused."""
+            token_embeddings = features["token_embeddings"]
+            attention_mask = features.get("attention_mask")
+            if attention_mask is None:
+                attention_mask = torch.ones(
+                    token_embeddings.shape[:-1], device=token_embeddings.device, dtype=torch.int64
+                )
+            modes = self._modes()
+            fused = self._fused_modes(modes, features, attention_mask)
+            if not fused:
+                return super().forward(features, **kwargs)
+            mask = attention_mask
+            if not self.include_prompt and "prompt_length" in features:
+                # These releases zero the first prompt_length columns of the caller's mask in
+                # place; the fused modes read a copy, the others get sentence-transformers' code.
+                prompt_length = features["prompt_length"]
+                if isinstance(prompt_length, Tensor):
+                    prompt_length = prompt_length[0].item()
+                mask = attention_mask.clone()
+                mask[:, :prompt_length] = 0
+            fused_vectors = {mode: FUSED_MODES[mode](token_embeddings, mask) for mode in fused}
+            others = [mode for mode in modes if mode not in fused]
+            other_vectors = iter(())
+            if others:
+                # Each mode gives token_embeddings.shape[-1] columns, concatenated in mode order.
+                embedding = _ST_POOLING.forward(self._view(others), features, **kwargs)["sentence_embedding"]
+                other_vectors = iter(embedding.split(token_embeddings.shape[-1], dim=-1))
+            vectors = [fused_vectors[mode] if mode in fused else next(other_vectors) for mode in modes]
+            features["sentence_embedding"] = torch.cat(vectors, dim=-1)
+            return features
+
+
+# Saved models name the class by this path: sentence-transformers' own (module docstring).
+Pooling.__module__ = _ST_POOLING.__module__
+
+
 def _swap_pooling(model, target_class, source_class):
-    for name, module in list(model._modules.items()):
+    for module in model.modules():
         if type(module) is source_class:
-            swapped = copy.copy(module)
-            swapped.__class__ = target_class
-            model._modules[name] = swapped
+            # In place: every reference to the module (a route of a Router, a shared
+            # instance) sees the swap. Pooling has no parameters or buffers to move.
+            module.__class__ = target_class
     return model
 
 
 def apply_fused_pooling(model):
-    """Replace every sentence-transformers ``Pooling`` module of ``model`` (a
-    ``SentenceTransformer``) by the fused ``Pooling``, in place, keeping its configuration.
-    Returns ``model``."""
-    return _swap_pooling(model, Pooling, st_modules.Pooling)
+    """Make every sentence-transformers ``Pooling`` module of ``model`` (a ``SentenceTransformer``
+    or any ``nn.Module``), nested ones included, the fused ``Pooling``, in place, keeping its
+    configuration. Returns ``model``."""
+    return _swap_pooling(model, Pooling, _ST_POOLING)
 
 
 def restore_pooling(model):
-    """Undo :func:`apply_fused_pooling`: sentence-transformers' own ``Pooling`` again."""
-    return _swap_pooling(model, st_modules.Pooling, Pooling)
+    """Undo :func:`apply_fused_pooling`: sentence-transformers' own ``Pooling`` again, in place."""
+    return _swap_pooling(model, _ST_POOLING, Pooling)
