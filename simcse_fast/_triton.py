@@ -8,6 +8,7 @@ with the import error as the reason, so those functions are never called.
 from __future__ import annotations
 
 import types
+import warnings
 
 try:
     import triton
@@ -39,3 +40,22 @@ def _detect_interpreter() -> bool:
 
 HAS_TRITON = TRITON_IMPORT_ERROR is None
 TRITON_INTERPRETER = _detect_interpreter()
+
+
+def _major_minor(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
+if TRITON_INTERPRETER:
+    import numpy
+
+    # Triton <= 3.6's interpreter calls int() on one-element arrays, which numpy >= 2.4 refuses:
+    # every kernel with a loop then fails deep inside with an unhelpful TypeError.
+    if _major_minor(triton.__version__) < (3, 7) and _major_minor(numpy.__version__) >= (2, 4):
+        warnings.warn(
+            f"the interpreter of Triton {triton.__version__} fails with numpy {numpy.__version__} "
+            "('TypeError: only 0-dimensional arrays can be converted to Python scalars'); "
+            "install numpy<2.4 or triton>=3.7",
+            RuntimeWarning,
+            stacklevel=1,
+        )
