@@ -8,6 +8,7 @@ import itertools
 import json
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import torch
@@ -244,6 +245,10 @@ def write_results(document: dict, out_dir: Path) -> list[Path]:
     written = [json_path, markdown_path]
     try:
         written += write_plots(document, out_dir)
-    except ImportError:
-        pass
+    except ImportError as error:
+        warnings.warn(
+            f"plots not written: {error} (pip install 'simcse-fast[bench]' for matplotlib)",
+            UserWarning,
+            stacklevel=2,
+        )
     return written
