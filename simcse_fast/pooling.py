@@ -311,6 +311,11 @@ def _unit_hidden_stride(token_embeddings: Tensor) -> Tensor:
     return token_embeddings if token_embeddings.stride(-1) == 1 else token_embeddings.contiguous()
 
 
+def _kernel_mask(layout: Tensor) -> Tensor:
+    """The layout as the Triton kernels read it: a bool mask through a zero-copy uint8 view."""
+    return layout.view(torch.uint8) if layout.dtype == torch.bool else layout
+
+
 def _geometry(x: Tensor, layout: Tensor, packed: bool) -> tuple[int, int, int, int]:
     """``(batch, seq_len, stride_x_batch, stride_x_seq)``; packed sequences have no common length."""
     if packed:
@@ -337,7 +342,7 @@ def triton_forward(
     hidden = x.shape[-1]
     config = pooling_config(f"{mode}_forward", batch, hidden)
     # Both pointer arguments take the layout tensor; the kernel reads only the one its layout uses.
-    mask = layout.view(torch.uint8) if layout.dtype == torch.bool else layout
+    mask = _kernel_mask(layout)
     mask_strides = (0, 0) if packed else mask.stride()
     outputs = (pooled, argmax) if mode == "max" else (pooled,)
     kernel = _max_pool_forward_kernel if mode == "max" else _mean_pool_forward_kernel
@@ -369,7 +374,7 @@ def triton_backward(
             num_warps=config.num_warps,
         )  # fmt: skip
         return grad_x
-    mask = layout.view(torch.uint8) if layout.dtype == torch.bool else layout
+    mask = _kernel_mask(layout)
     mask_strides = (0, 0) if packed else mask.stride()
     _mean_pool_backward_kernel[grid](
         grad_out, mask, layout, grad_x, seq_len, hidden, *grad_strides, *mask_strides,

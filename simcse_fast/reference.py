@@ -74,17 +74,13 @@ def masked_max_pool(token_embeddings: Tensor, attention_mask: Tensor, *, backend
     )
 
 
-def _segments(token_embeddings: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """``(lengths (B,), segment (T,), position (T,))``: each token's sequence and its position
-    within it, computed without reading the offsets on the host (so it traces under
-    ``torch.compile``)."""
+def _segments(token_embeddings: Tensor, cu_seqlens: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lengths (B,), segment (T,))``: each sequence's length and each token's sequence,
+    computed without reading the offsets on the host (so it traces under ``torch.compile``)."""
     offsets = cu_seqlens.long()
     lengths = offsets[1:] - offsets[:-1]
-    n_tokens = token_embeddings.shape[0]
     sequences = torch.arange(lengths.shape[0], device=token_embeddings.device)
-    segment = torch.repeat_interleave(sequences, lengths, output_size=n_tokens)
-    position = torch.arange(n_tokens, device=token_embeddings.device) - offsets[segment]
-    return lengths, segment, position
+    return lengths, torch.repeat_interleave(sequences, lengths, output_size=token_embeddings.shape[0])
 
 
 def packed_mean_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend=None) -> Tensor:
@@ -96,7 +92,7 @@ def packed_mean_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend=No
     ``(B, H)`` in the input's dtype; an empty sequence gives zeros. Equal to
     :func:`masked_mean_pool` of the right-padded batch.
     """
-    lengths, segment, _ = _segments(token_embeddings, cu_seqlens)
+    lengths, segment = _segments(token_embeddings, cu_seqlens)
     x = token_embeddings.to(_accumulation_dtype(token_embeddings.dtype))
     total = x.new_zeros((lengths.shape[0], x.shape[1])).index_add(0, segment, x)
     return (total / lengths.clamp_min(1).to(x.dtype)[:, None]).to(token_embeddings.dtype)
@@ -107,7 +103,7 @@ def packed_max_pool(token_embeddings: Tensor, cu_seqlens: Tensor, *, backend=Non
     :func:`packed_mean_pool`) -> ``(B, H)``. An empty sequence gives zeros and passes no
     gradient; NaN ranks above every number; the gradient goes to the first position holding the
     maximum, as in :func:`masked_max_pool` of the right-padded batch."""
-    lengths, segment, _ = _segments(token_embeddings, cu_seqlens)
+    lengths, segment = _segments(token_embeddings, cu_seqlens)
     x = token_embeddings.to(_accumulation_dtype(token_embeddings.dtype))
     batch, (n_tokens, hidden) = lengths.shape[0], x.shape
     with torch.no_grad():

@@ -120,6 +120,14 @@ def _packed_without_prompt(pool, tokens: Tensor, cu_seqlens: Tensor, prompt_leng
     return pool(tokens, split)[1::2]
 
 
+def _in_mode_order(modes, fused_vectors: dict, unfused) -> list[Tensor]:
+    """One vector per mode, in ``modes`` order: ``fused_vectors[mode]`` where computed, else the
+    next of ``unfused(others)`` (sentence-transformers' vectors for the other modes, in order)."""
+    others = [mode for mode in modes if mode not in fused_vectors]
+    other_vectors = iter(unfused(others) if others else ())
+    return [fused_vectors[mode] if mode in fused_vectors else next(other_vectors) for mode in modes]
+
+
 class Pooling(_ST_POOLING):
     """sentence-transformers' ``Pooling`` with ``mean`` and ``max`` on the fused kernels."""
 
@@ -191,18 +199,13 @@ class Pooling(_ST_POOLING):
                 if prompt_length
                 else attention_mask
             )
-            others = [mode for mode in modes if mode not in fused]
-            other_vectors = iter(
-                _st_forward_padded(
+            return _in_mode_order(
+                modes,
+                {mode: FUSED_MODES[mode](token_embeddings, mask) for mode in fused},
+                lambda others: _st_forward_padded(
                     self._view(others), token_embeddings, attention_mask, features, prompt_length
-                )
-                if others
-                else []
+                ),
             )
-            return [
-                FUSED_MODES[mode](token_embeddings, mask) if mode in fused else next(other_vectors)
-                for mode in modes
-            ]
 
     if _FLATTENED:
 
@@ -217,22 +220,21 @@ class Pooling(_ST_POOLING):
                 return _st_forward_flattened(self, token_embeddings, features, prompt_length)
             tokens = token_embeddings.squeeze(0)  # (1, total_tokens, H), as sentence-transformers reads it
             cu_seqlens = features["cu_seq_lens_q"]
-            others = [mode for mode in modes if mode not in fused]
-            other_vectors = iter(
-                _st_forward_flattened(self._view(others), token_embeddings, features, prompt_length)
-                if others
-                else []
-            )
-            return [
-                (
+            fused_vectors = {
+                mode: (
                     _packed_without_prompt(PACKED_MODES[mode], tokens, cu_seqlens, prompt_length)
                     if prompt_length
                     else PACKED_MODES[mode](tokens, cu_seqlens)
                 )
-                if mode in fused
-                else next(other_vectors)
-                for mode in modes
-            ]
+                for mode in fused
+            }
+            return _in_mode_order(
+                modes,
+                fused_vectors,
+                lambda others: _st_forward_flattened(
+                    self._view(others), token_embeddings, features, prompt_length
+                ),
+            )
 
     if _LEGACY:
 
@@ -258,15 +260,14 @@ class Pooling(_ST_POOLING):
                     prompt_length = prompt_length[0].item()
                 mask = attention_mask.clone()
                 mask[:, :prompt_length] = 0
-            fused_vectors = {mode: FUSED_MODES[mode](token_embeddings, mask) for mode in fused}
-            others = [mode for mode in modes if mode not in fused]
-            other_vectors = iter(())
-            if others:
+
+            def unfused(others):
                 # Each mode gives token_embeddings.shape[-1] columns, concatenated in mode order.
                 embedding = _ST_POOLING.forward(self._view(others), features, **kwargs)["sentence_embedding"]
-                other_vectors = iter(embedding.split(token_embeddings.shape[-1], dim=-1))
-            vectors = [fused_vectors[mode] if mode in fused else next(other_vectors) for mode in modes]
-            features["sentence_embedding"] = torch.cat(vectors, dim=-1)
+                return embedding.split(token_embeddings.shape[-1], dim=-1)
+
+            fused_vectors = {mode: FUSED_MODES[mode](token_embeddings, mask) for mode in fused}
+            features["sentence_embedding"] = torch.cat(_in_mode_order(modes, fused_vectors, unfused), dim=-1)
             return features
 
 
