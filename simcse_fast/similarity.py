@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._triton import tl, triton
+from ._triton import HAS_TRITON, tl, triton
 
 NORM_EPS = 1e-12
 """Norms are clamped at this value, as in ``torch.nn.functional.normalize``."""
@@ -113,6 +113,31 @@ LOSS_BACKENDS = {"triton": LOSS_DTYPES, "torch": LOSS_DTYPES}
 """The one declaration of the loss's backends and the dtypes they take: the Triton kernels and
 the chunked PyTorch path (``"torch"``: never N x M unless the budget allows). The compiled
 extension has pooling only. ``resolve_backend``, ``simcse-fast info`` and the README read it."""
+
+LOSS_STRATEGIES = ("fused", "gemm", "torch")
+"""How the loss runs on a GPU: ``"fused"`` (Triton tiles recompute the cosines), ``"gemm"``
+(cuBLAS computes each row chunk's cosines, one fused Triton pass reduces them) or ``"torch"``
+(cuBLAS and PyTorch ops: the eager-equivalent candidate). CPU tensors run ``"torch"`` only."""
+
+STRATEGY_ENV_VAR = "SIMCSE_FAST_LOSS_STRATEGY"
+"""``auto`` (default: time the candidates once per device, dtype and shape bucket) or one of
+:data:`LOSS_STRATEGIES` to pin it."""
+
+_STRATEGY_CHOICES: dict[str, str] = {}
+
+
+def loss_strategies(device: torch.device) -> tuple[str, ...]:
+    """The strategies that can run the loss on ``device``."""
+    if torch.device(device).type == "cuda" and HAS_TRITON:
+        return LOSS_STRATEGIES
+    return ("torch",)
+
+
+def strategy_choices() -> dict[str, str]:
+    """What ``"auto"`` chose so far in this process: ``{case: strategy}``, the case naming the
+    device, dtype and shape bucket."""
+    return dict(_STRATEGY_CHOICES)
+
 
 
 @triton.jit
