@@ -13,7 +13,17 @@ def check_tensor(name: str, value, ndim: int) -> None:
     if not isinstance(value, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if value.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+        dimensions = "dimension" if ndim == 1 else "dimensions"
+        raise ValueError(f"{name} must have {ndim} {dimensions}, got shape {tuple(value.shape)}")
+
+
+def reads_values_on_host(tensor: Tensor) -> bool:
+    """Whether a check of ``tensor``'s values reads them back (CPU tensors: no device to wait
+    for, and a ``ValueError`` names what is wrong). Values on a GPU are checked on the device by
+    an asynchronous assertion instead, as ``cross_entropy`` checks its targets: no
+    synchronization, so a step stays fast and capturable in a CUDA graph; a failed assertion
+    surfaces as a CUDA error at the next synchronization, with the message."""
+    return tensor.device.type == "cpu"
 
 
 def check_float_dtype(name: str, value: Tensor, allowed=FLOAT_DTYPES) -> None:
@@ -66,13 +76,17 @@ def check_packed_inputs(token_embeddings, cu_seqlens) -> None:
     n_tokens = token_embeddings.shape[0]
     first, last = cu_seqlens[0], cu_seqlens[-1]
     decreasing = (cu_seqlens[1:] < cu_seqlens[:-1]).any()
+    expected = (
+        f"cu_seqlens must hold sequence offsets into the T = {n_tokens} rows of token_embeddings: "
+        "0 first, non-decreasing, T last"
+    )
+    if not reads_values_on_host(cu_seqlens):
+        torch._assert_async((first == 0) & (last == n_tokens) & ~decreasing, expected)
+        return
     first, last, decreasing = torch.stack([first.long(), last.long(), decreasing.long()]).tolist()
     if first != 0 or last != n_tokens or decreasing:
-        raise ValueError(
-            f"cu_seqlens must hold sequence offsets into the T = {n_tokens} rows of token_embeddings: "
-            f"0 first, non-decreasing, T last; got first {first}, last {last}"
-            + (", and a decrease" if decreasing else "")
-        )
+        found = f"got first {first}, last {last}" + (", and a decrease" if decreasing else "")
+        raise ValueError(f"{expected}; {found}")
 
 
 LOSS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -90,6 +104,11 @@ def check_embedding_pair(name: str, value, other_name: str, other) -> None:
             "computation use simcse_fast.reference, which builds the N x M matrix)"
         )
     check_float_dtype(name, value, LOSS_DTYPES)
+    if value.shape[1] == 0:
+        raise ValueError(
+            f"{name} must have at least one column (D >= 1): a cosine of empty vectors is undefined; "
+            f"got shape {tuple(value.shape)}"
+        )
     if other.dtype != value.dtype:
         raise TypeError(f"{other_name} must have the dtype of {name} ({value.dtype}); got {other.dtype}")
     if other.shape[1] != value.shape[1]:
@@ -106,7 +125,10 @@ def check_bool(name: str, value) -> None:
 
 
 def scale_tensor(scale, device: torch.device) -> Tensor:
-    """``scale`` as a 0-dim floating tensor on ``device``; a tensor keeps its autograd graph."""
+    """``scale`` as a 0-dim floating tensor on ``device``; a tensor keeps its autograd graph (one
+    on another device is copied there at each call: keep a learnable scale on the embeddings'
+    device). A number is filled in on the device (``torch.full``, a kernel argument): no
+    host-to-device copy, which would synchronize and break a CUDA-graph capture."""
     if isinstance(scale, Tensor):
         if scale.dim() != 0:
             raise ValueError(
@@ -117,12 +139,13 @@ def scale_tensor(scale, device: torch.device) -> Tensor:
         return scale.to(device)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or a 0-dim tensor, got {type(scale).__name__}")
-    return torch.tensor(float(scale), dtype=torch.float32, device=device)
+    return torch.full((), float(scale), dtype=torch.float32, device=device)
 
 
 def check_labels(labels, n_anchors: int, n_candidates: int, device: torch.device) -> None:
-    """``labels``: integer ``(N,)`` on the anchors' device with values in ``[0, M)``. The range
-    check reads the values (a device sync), so it is skipped inside ``torch.compile``."""
+    """``labels``: integer ``(N,)`` on the anchors' device with values in ``[0, M)``. The range is
+    checked on the host for CPU tensors and by a device-side assertion on a GPU
+    (:func:`reads_values_on_host`); inside ``torch.compile`` only shape and dtype."""
     check_tensor("labels", labels, 1)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"labels must be an integer tensor; got {labels.dtype}")
@@ -131,12 +154,15 @@ def check_labels(labels, n_anchors: int, n_candidates: int, device: torch.device
             f"labels must have shape (N,) = ({n_anchors},), one per anchor; got {tuple(labels.shape)}"
         )
     check_same_device("labels", labels, "anchors", torch.empty(0, device=device))
-    if labels.numel() and not torch.compiler.is_compiling():
-        low, high = int(labels.min()), int(labels.max())
-        if low < 0 or high >= n_candidates:
-            raise ValueError(
-                f"labels must index candidates, in [0, {n_candidates}); got values from {low} to {high}"
-            )
+    if not labels.numel() or torch.compiler.is_compiling():
+        return
+    expected = f"labels must index candidates, in [0, {n_candidates})"
+    if not reads_values_on_host(labels):
+        torch._assert_async(((labels >= 0) & (labels < n_candidates)).all(), expected)
+        return
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= n_candidates:
+        raise ValueError(f"{expected}; got values from {low} to {high}")
 
 
 def check_reduction(reduction) -> None:

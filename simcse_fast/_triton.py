@@ -7,8 +7,11 @@ with the import error as the reason, so those functions are never called.
 
 from __future__ import annotations
 
+import contextlib
 import types
 import warnings
+
+import torch
 
 try:
     import triton
@@ -39,6 +42,18 @@ def _detect_interpreter() -> bool:
 
 
 HAS_TRITON = TRITON_IMPORT_ERROR is None
+
+
+def launch_device(device: torch.device):
+    """The context every Triton launch runs in: ``device`` made current for CUDA tensors.
+    Triton launches on the current CUDA device with its current stream, so tensors on
+    ``cuda:1`` launched while device 0 is current would be read across devices (or fail);
+    CPU tensors under the interpreter need no device."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 TRITON_INTERPRETER = _detect_interpreter()
 
 

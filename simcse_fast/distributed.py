@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._checks import reads_values_on_host
+
 
 def is_distributed(group=None) -> bool:
     """Whether a process group is initialized and has more than one process."""
@@ -29,16 +31,25 @@ def get_world_size(group=None) -> int:
 
 def _check_equal_rows(x: Tensor, group, world: int) -> None:
     """All-gather needs the same shape on every rank; a mismatch would otherwise hang or fail
-    deep inside the collective."""
-    shape = torch.tensor(list(x.shape), device=x.device, dtype=torch.int64)
+    deep inside the collective. On CPU tensors (gloo) a mismatch raises ``ValueError`` naming the
+    shapes; on GPUs the shapes are compared on the device by an asynchronous assertion (no
+    host synchronization in a training step, see ``_checks.reads_values_on_host``)."""
+    # Filled in on the device: a tensor built from a Python list would be copied from the host.
+    shape = torch.empty(x.dim(), dtype=torch.int64, device=x.device)
+    for dim, size in enumerate(x.shape):
+        shape[dim].fill_(size)
     shapes = [torch.empty_like(shape) for _ in range(world)]
     dist.all_gather(shapes, shape, group=group)
+    message = (
+        "gather_across_devices needs tensors of the same shape on every rank "
+        "(drop the last incomplete batch, or pad it)"
+    )
+    if not reads_values_on_host(x):
+        torch._assert_async(torch.stack(shapes).eq(shape).all(), message)
+        return
     if any(not torch.equal(other, shapes[0]) for other in shapes):
         found = [tuple(s.tolist()) for s in shapes]
-        raise ValueError(
-            f"gather_across_devices needs tensors of the same shape on every rank; got {found} "
-            "(drop the last incomplete batch, or pad it)"
-        )
+        raise ValueError(f"{message}; got {found}")
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import distributed, pooling, similarity
-from ._backends import resolve_backend
+from ._backends import default_backend, resolve_backend
 from ._checks import (
     check_bool,
     check_embedding_pair,
@@ -53,6 +53,33 @@ def backend_table() -> str:
         ]
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _loss_backend(backend, op: str, embeddings: Tensor, argument: str) -> tuple[str, str]:
+    """``(requested, resolved)``: the backend asked for (``None`` read as the process default)
+    and the one that runs on these tensors (``"triton"`` or ``"torch"``)."""
+    requested = default_backend() if backend is None else backend
+    resolved = resolve_backend(
+        backend, embeddings.device, op, similarity.LOSS_BACKENDS, embeddings.dtype, argument
+    )
+    return requested, resolved
+
+
+def _contrastive_loss(
+    backends: tuple[str, str], queries: Tensor, docs: Tensor, scale: Tensor, labels, n_local: int,
+    flags: tuple, chunk_mb,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The loss op on checked inputs, ``backends`` from :func:`_loss_backend`: memory budget and
+    strategy chosen for this call. ``flags``: query_to_query, doc_to_query, doc_to_doc, joint,
+    with_positive, exclude_diagonal."""
+    requested, resolved = backends
+    budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1])
+    implementation = similarity.choose_implementation(
+        requested, resolved, queries, docs, scale, labels, n_local, flags, budget
+    )
+    return similarity.contrastive_loss_op(
+        queries, docs, scale, labels, n_local, *flags, implementation, budget
+    )
 
 
 def masked_mean_pool(
@@ -142,17 +169,12 @@ def similarity_logsumexp(
         )
     check_bool("gather_across_devices", gather_across_devices)
     scale = scale_tensor(scale, queries.device)
-    implementation = resolve_backend(
-        backend, queries.device, "similarity_logsumexp", similarity.LOSS_BACKENDS, queries.dtype, "queries"
-    )
+    backends = _loss_backend(backend, "similarity_logsumexp", queries, "queries")
     if gather_across_devices and distributed.is_distributed(group):
         gathered = distributed.all_gather_with_grad(keys, group)
         keys = distributed.local_first(gathered, keys.shape[0], group)
-    budget = similarity.memory_budget(chunk_mb, queries.shape[0], keys.shape[0], queries.shape[1])
-    lse, _, _ = similarity.contrastive_loss_op(
-        queries, keys, scale, None, queries.shape[0], False, False, False, False, False,
-        exclude_diagonal, implementation, budget,
-    )  # fmt: skip
+    flags = (False, False, False, False, False, exclude_diagonal)
+    lse, _, _ = _contrastive_loss(backends, queries, keys, scale, None, queries.shape[0], flags, chunk_mb)
     return lse
 
 
@@ -213,9 +235,7 @@ def info_nce(
             raise ValueError("symmetric=True scores candidate i as anchor i's positive; it takes no labels")
         check_labels(labels, n_anchors, n_candidates, anchors.device)
     scale = scale_tensor(scale, anchors.device)
-    implementation = resolve_backend(
-        backend, anchors.device, "info_nce", similarity.LOSS_BACKENDS, anchors.dtype, "anchors"
-    )
+    backends = _loss_backend(backend, "info_nce", anchors, "anchors")
     check_bool("gather_across_devices", gather_across_devices)
     labels = None if labels is None else labels.long().contiguous()
     queries, docs = anchors, candidates
@@ -226,11 +246,8 @@ def info_nce(
         if symmetric:
             gathered = distributed.all_gather_with_grad(anchors, group)
             queries = distributed.local_first(gathered, n_anchors, group)
-    budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], anchors.shape[1])
-    loss, _, _ = similarity.contrastive_loss_op(
-        queries, docs, scale, labels, n_anchors, False, symmetric, False, False, True, False,
-        implementation, budget,
-    )  # fmt: skip
+    flags = (False, symmetric, False, False, True, False)
+    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb)
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -277,12 +294,10 @@ def in_batch_negatives_loss(
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")
     scale = scale_tensor(scale, queries.device)
-    implementation = resolve_backend(
-        backend, queries.device, "in_batch_negatives_loss", similarity.LOSS_BACKENDS, queries.dtype, "queries"
-    )
-    budget = similarity.memory_budget(chunk_mb, n_queries, docs.shape[0], queries.shape[1])
-    loss, _, _ = similarity.contrastive_loss_op(
-        queries, docs, scale, None, n_local, "query_to_query" in directions, "doc_to_query" in directions,
-        "doc_to_doc" in directions, partition_mode == "joint", True, False, implementation, budget,
+    backends = _loss_backend(backend, "in_batch_negatives_loss", queries, "queries")
+    flags = (
+        "query_to_query" in directions, "doc_to_query" in directions, "doc_to_doc" in directions,
+        partition_mode == "joint", True, False,
     )  # fmt: skip
+    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb)
     return loss

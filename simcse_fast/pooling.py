@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from ._triton import tl, triton
+from ._triton import launch_device, tl, triton
 
 NO_TOKEN = tl.constexpr(2**31 - 1)
 """Argmax sentinel inside the max kernel: larger than every position, so ``min`` skips it."""
@@ -303,6 +303,12 @@ def pooling_config(kind: str, batch: int, hidden: int) -> PoolingConfig:
     return max(good_enough, key=lambda config: config.block_h)
 
 
+def pooling_grid(batch: int, hidden: int, config: PoolingConfig) -> tuple[int, int]:
+    """``(sequences, column blocks)``: the sequences on grid x, which CUDA allows up to 2**31 - 1,
+    the column blocks on y (65,535 blocks of 64 columns is far past any hidden size)."""
+    return batch, -(-hidden // config.block_h)
+
+
 def _accumulation_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -346,11 +352,12 @@ def triton_forward(
     mask_strides = (0, 0) if packed else mask.stride()
     outputs = (pooled, argmax) if mode == "max" else (pooled,)
     kernel = _max_pool_forward_kernel if mode == "max" else _mean_pool_forward_kernel
-    kernel[(batch, -(-hidden // config.block_h))](
-        x, mask, layout, *outputs, seq_len, hidden, stride_x_batch, stride_x_seq, *mask_strides,
-        PACKED=packed, BLOCK_L=config.block_l, BLOCK_H=config.block_h,
-        ACC_DTYPE=_accumulation_dtype(x.dtype), NUM_STAGES=_forward_stages(x), num_warps=config.num_warps,
-    )  # fmt: skip
+    with launch_device(x.device):
+        kernel[pooling_grid(batch, hidden, config)](
+            x, mask, layout, *outputs, seq_len, hidden, stride_x_batch, stride_x_seq, *mask_strides,
+            PACKED=packed, BLOCK_L=config.block_l, BLOCK_H=config.block_h,
+            ACC_DTYPE=_accumulation_dtype(x.dtype), NUM_STAGES=_forward_stages(x), num_warps=config.num_warps,
+        )  # fmt: skip
     return pooled, argmax
 
 
@@ -365,21 +372,22 @@ def triton_backward(
         return grad_x
     config = pooling_config(f"{mode}_backward", batch, hidden)
     seq_len = 0 if packed else token_shape[1]
-    grid = (batch, -(-hidden // config.block_h))
+    grid = pooling_grid(batch, hidden, config)
     blocks = {"PACKED": packed, "BLOCK_L": config.block_l, "BLOCK_H": config.block_h}
     grad_strides = grad_out.stride()
-    if mode == "max":
-        _max_pool_backward_kernel[grid](
-            grad_out, argmax, layout, grad_x, seq_len, hidden, *grad_strides, **blocks,
-            num_warps=config.num_warps,
+    with launch_device(grad_out.device):
+        if mode == "max":
+            _max_pool_backward_kernel[grid](
+                grad_out, argmax, layout, grad_x, seq_len, hidden, *grad_strides, **blocks,
+                num_warps=config.num_warps,
+            )  # fmt: skip
+            return grad_x
+        mask = _kernel_mask(layout)
+        mask_strides = (0, 0) if packed else mask.stride()
+        _mean_pool_backward_kernel[grid](
+            grad_out, mask, layout, grad_x, seq_len, hidden, *grad_strides, *mask_strides,
+            **blocks, ACC_DTYPE=_accumulation_dtype(grad_out.dtype), num_warps=config.num_warps,
         )  # fmt: skip
-        return grad_x
-    mask = _kernel_mask(layout)
-    mask_strides = (0, 0) if packed else mask.stride()
-    _mean_pool_backward_kernel[grid](
-        grad_out, mask, layout, grad_x, seq_len, hidden, *grad_strides, *mask_strides,
-        **blocks, ACC_DTYPE=_accumulation_dtype(grad_out.dtype), num_warps=config.num_warps,
-    )  # fmt: skip
     return grad_x
 
 

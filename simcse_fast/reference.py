@@ -62,8 +62,9 @@ def masked_max_pool(token_embeddings: Tensor, attention_mask: Tensor, *, backend
     present = (attention_mask != 0).unsqueeze(-1)
     x = token_embeddings.to(_accumulation_dtype(token_embeddings.dtype))
     with torch.no_grad():
-        minus_inf = torch.tensor(float("-inf"), dtype=x.dtype, device=x.device)
-        maximum = torch.where(present, x, minus_inf).amax(dim=1, keepdim=True)
+        # A fill on the device: torch.tensor(-inf, device=...) would copy from the host, a
+        # synchronization on a GPU (this is the "torch" backend there).
+        maximum = torch.where(present, x, x.new_full((), float("-inf"))).amax(dim=1, keepdim=True)
         is_argmax = present & ((x == maximum) | x.isnan())
         # argmax of a bool tensor returns the first True, which fixes the tie rule.
         first_argmax = is_argmax.to(torch.uint8).argmax(dim=1, keepdim=True)

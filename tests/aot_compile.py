@@ -29,7 +29,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # Triton specializes such arguments at run time, so the aligned cases are the ones that run.
 ALIGNED_SIZES = {
     "hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch",
-    "dim", "stride_q", "stride_k", "stride_x", "stride_y",
+    "dim", "stride_q", "stride_k", "stride_x", "stride_y", "stride_dots", "stride_w",
 }  # fmt: skip
 VECTOR_LOAD = re.compile(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global[^;]*0x10")
 """A 16-byte load in PTX: a vector load into registers or an asynchronous copy to shared memory."""
@@ -143,52 +143,101 @@ def compile_case(case) -> dict:
     }
 
 
-def similarity_cases():
-    """The forward kernel and the gradient-weights kernel, for each input dtype (fp32 with and
-    without TF32) and every combination of flags the launchers use, at the configurations the
-    launchers use: D and row strides are multiples of 16 and base pointers 16-byte aligned, which
-    ``_Side`` guarantees by padding or copying."""
-    from simcse_fast import similarity
+FORWARD_FLAGS = [
+    {"EXCLUDE": 0, "POSITIVE": 0},
+    {"EXCLUDE": 1, "POSITIVE": 0},  # exclude_diagonal, query_to_query
+    {"EXCLUDE": 2, "POSITIVE": 0},  # doc_to_doc
+    {"EXCLUDE": 0, "POSITIVE": 1},
+    {"EXCLUDE": 0, "POSITIVE": 2},
+]
+WEIGHTS_FLAGS = [  # (ROW_TERMS, COL_TERMS, POSITIVE, EXCLUDE): which block of which loss
+    (True, False, 0, 0),  # similarity_logsumexp
+    (True, False, 0, 1),  # its exclude_diagonal; query_to_query blocks
+    (True, False, 0, 2),  # doc_to_doc blocks
+    (True, False, 1, 0),  # info_nce, sentence-transformers without doc_to_query
+    (True, False, 2, 0),  # info_nce with labels
+    (True, True, 1, 0),  # symmetric info_nce, doc_to_query
+    (False, True, 0, 0),  # doc_to_query over gathered queries
+]
+HEAVIEST_FORWARD = [{"EXCLUDE": 2, "POSITIVE": 0}, {"EXCLUDE": 0, "POSITIVE": 2}]
+HEAVIEST_WEIGHTS = [((True, True, 1, 0), True), ((True, False, 2, 0), True), ((True, False, 0, 2), True)]
+"""The flags that need the most registers (the symmetric block with a learnable scale, labels,
+exclusion): every tile of the tuned space is compiled with these, every flag combination with
+each dtype's default tile and with the gemm strategy's pass."""
 
-    forward_flags = [
-        {"EXCLUDE": False, "POSITIVE": 0},
-        {"EXCLUDE": True, "POSITIVE": 0},
-        {"EXCLUDE": False, "POSITIVE": 1},
-        {"EXCLUDE": False, "POSITIVE": 2},
-    ]
-    weights_flags = [  # (ROW_TERMS, COL_TERMS, POSITIVE, EXCLUDE): which block of which loss
-        (True, False, 0, False),  # similarity_logsumexp
-        (True, False, 0, True),  # its exclude_diagonal; query_to_query and doc_to_doc blocks
-        (True, False, 1, False),  # info_nce, sentence-transformers without doc_to_query
-        (True, False, 2, False),  # info_nce with labels
-        (True, True, 1, False),  # symmetric info_nce, doc_to_query
-        (False, True, 0, False),  # doc_to_query over gathered queries
-    ]
+
+def _similarity_case(kernel: str, dtype: str, precision: str, config, flags: dict, precomputed: bool):
+    from simcse_fast.similarity import kernels
+
+    pointers = {
+        "x_ptr": dtype,
+        "y_ptr": dtype,
+        "q_ptr": dtype,
+        "k_ptr": dtype,
+        "w_ptr": dtype,
+        "labels_ptr": "i64",
+    }
+    if kernel == "forward":
+        name = "_lse_partial_kernel"
+        blocks = {"BLOCK_N": config.block_rows, "BLOCK_M": config.block_cols, "BLOCK_D": config.block_d}
+    else:
+        name = "_gradient_weights_kernel"
+        config = kernels.weights_tile(config, flags["ROW_TERMS"] and flags["COL_TERMS"])
+        blocks = {"BLOCK_R": config.block_rows, "BLOCK_C": config.block_cols, "BLOCK_D": config.block_d}
+        blocks["GROUP_R"] = config.group_rows
+    used = {arg: dtype for arg, dtype in pointers.items() if arg in getattr(kernels, name).arg_names}
+    constexprs = {**flags, **blocks, "PRECOMPUTED": precomputed, "DOT_PRECISION": precision}
+    label, *rest = make_case(
+        "simcse_fast.similarity.kernels", name, used, constexprs, config.num_warps,
+        aligned=True, int64_strides=False, num_stages=config.num_stages,
+    )  # fmt: skip
+    return (f"{label} tile={config.name}", *rest)
+
+
+def _weights_flags(flag_set, scale_grad) -> dict:
+    row_terms, col_terms, positive, exclude = flag_set
+    return {"ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude,
+            "SCALE_GRAD": scale_grad}  # fmt: skip
+
+
+def similarity_cases():
+    """The forward kernel and the gradient-weights kernel, at the configurations the launchers use
+    (D and row strides are multiples of 16, base pointers 16-byte aligned, which ``Side``
+    guarantees by padding or copying):
+
+    * the fused strategy's default tile for each input dtype (fp32 with and without TF32), every
+      flag combination;
+    * every other tile of the tuned space (bf16), with the heaviest flags;
+    * the gemm strategy's pass (``PRECOMPUTED``), every flag combination, ``W`` in bf16, and the
+      heaviest flags with ``W`` in fp16 and fp32."""
+    from simcse_fast.similarity import kernels
+
     for dtype, precision in [("bf16", "ieee"), ("fp16", "ieee"), ("fp32", "ieee"), ("fp32", "tf32")]:
-        element_size = 4 if dtype == "fp32" else 2
-        forward = similarity.SIMILARITY_CONFIGS["forward", element_size]
-        weights = similarity.SIMILARITY_CONFIGS["weights", element_size]
-        precision = {"DOT_PRECISION": precision}
-        for flags in forward_flags:
-            blocks = {"BLOCK_N": forward.block_rows, "BLOCK_M": forward.block_cols}
-            blocks["BLOCK_D"] = forward.block_d
-            yield make_case(
-                "simcse_fast.similarity", "_lse_partial_kernel",
-                {"q_ptr": dtype, "k_ptr": dtype, "labels_ptr": "i64"}, {**flags, **blocks, **precision},
-                forward.num_warps, aligned=True, int64_strides=False, num_stages=forward.num_stages,
-            )  # fmt: skip
-        for flag_set, scale_grad in itertools.product(weights_flags, (False, True)):
-            row_terms, col_terms, positive, exclude = flag_set
-            flags = {"ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude}
-            flags["SCALE_GRAD"] = scale_grad
-            blocks = {"BLOCK_R": weights.block_rows, "BLOCK_C": weights.block_cols}
-            blocks["BLOCK_D"] = weights.block_d
-            yield make_case(
-                "simcse_fast.similarity", "_gradient_weights_kernel",
-                {"x_ptr": dtype, "y_ptr": dtype, "w_ptr": dtype, "labels_ptr": "i64"},
-                {**flags, **blocks, **precision}, weights.num_warps, aligned=True, int64_strides=False,
-                num_stages=weights.num_stages,
-            )  # fmt: skip
+        config = kernels.fused_config(4 if dtype == "fp32" else 2)
+        for flags in FORWARD_FLAGS:
+            yield _similarity_case("forward", dtype, precision, config, flags, False)
+        for flag_set, scale_grad in itertools.product(WEIGHTS_FLAGS, (False, True)):
+            yield _similarity_case(
+                "weights", dtype, precision, config, _weights_flags(flag_set, scale_grad), False
+            )
+    for config in kernels.FUSED_CONFIGS[2][1:]:
+        for flags in HEAVIEST_FORWARD:
+            yield _similarity_case("forward", "bf16", "ieee", config, flags, False)
+        for flag_set, scale_grad in HEAVIEST_WEIGHTS:
+            yield _similarity_case(
+                "weights", "bf16", "ieee", config, _weights_flags(flag_set, scale_grad), False
+            )
+    forward_pass, weights_pass = kernels.PASS_CONFIGS["forward"], kernels.PASS_CONFIGS["weights"]
+    for flags in FORWARD_FLAGS:
+        yield _similarity_case("forward", "bf16", "ieee", forward_pass, flags, True)
+    for flag_set, scale_grad in itertools.product(WEIGHTS_FLAGS, (False, True)):
+        yield _similarity_case(
+            "weights", "bf16", "ieee", weights_pass, _weights_flags(flag_set, scale_grad), True
+        )
+    for dtype in ("fp16", "fp32"):
+        yield _similarity_case(
+            "weights", dtype, "ieee", weights_pass, _weights_flags(*HEAVIEST_WEIGHTS[0]), True
+        )
 
 
 CASES = {"pooling": pooling_cases, "similarity": similarity_cases}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,11 @@ SM90_SHARED_MEMORY_PER_BLOCK = 227 * 1024
 
 
 def test_similarity_kernels_compile_for_sm90_without_spills(similarity_results):
-    assert len(similarity_results) == 4 * (4 + 6 * 2)
+    from simcse_fast.similarity import FUSED_CONFIGS
+
+    # Per input dtype (bf16, fp16, fp32, fp32 with TF32): the default tile with every flag set (5
+    # forward, 14 weights); each other half tile with 5 heavy sets; the gemm pass 5 + 14 + 2.
+    assert len(similarity_results) == 4 * (5 + 14) + 5 * (len(FUSED_CONFIGS[2]) - 1) + 21
     spilled = [r["case"] for r in similarity_results if r["local"] > 0 or r["stack"] > 0]
     assert not spilled, f"register spills (stack or local memory) in: {spilled}"
     assert all(0 < r["reg"] <= 255 for r in similarity_results)
@@ -117,12 +122,52 @@ def test_similarity_kernels_compile_for_sm90_without_spills(similarity_results):
 def test_similarity_kernels_fit_sm90_shared_memory(similarity_results):
     """Pipelined tiles live in dynamic shared memory: the launch fails if it exceeds 227 KB."""
     for result in similarity_results:
-        assert 0 < result["dynamic_shared"] <= SM90_SHARED_MEMORY_PER_BLOCK, result
+        if "PRECOMPUTED': False" in result["case"]:
+            assert 0 < result["dynamic_shared"] <= SM90_SHARED_MEMORY_PER_BLOCK, result
+        else:  # the gemm pass reads its chunk straight into registers
+            assert result["dynamic_shared"] <= 4 * 1024, result
 
 
 def test_similarity_kernels_use_hopper_tensor_cores(similarity_results):
-    """bf16, fp16 and TF32 dots must lower to wgmma; exact fp32 ("ieee") runs on FMA units."""
+    """bf16, fp16 and TF32 dots must lower to wgmma; exact fp32 ("ieee") runs on FMA units, and
+    the gemm strategy's pass has no dot at all (cuBLAS did the products)."""
     for result in similarity_results:
         case = result["case"]
         exact_fp32 = "'ieee'" in case and (" q_ptr=fp32" in case or " x_ptr=fp32" in case)
-        assert result["wgmma"] != exact_fp32, case
+        no_dot = exact_fp32 or "PRECOMPUTED': True" in case
+        assert result["wgmma"] != no_dot, case
+
+
+def _ctas_per_sm(result) -> int:
+    """CTAs of a compiled kernel that fit one sm_90 SM: 64K registers (allocated 8 a thread at a
+    time), 228 KB of shared memory less 1 KB reserved per CTA, 2048 threads."""
+    threads = 32 * int(re.search(r"num_warps=(\d+)", result["case"]).group(1))
+    registers = -(-result["reg"] // 8) * 8
+    return min(
+        65536 // (registers * threads), 228 * 1024 // (result["dynamic_shared"] + 1024), 2048 // threads
+    )
+
+
+def test_similarity_occupancy_table_matches_the_compiled_kernels(similarity_results):
+    """``kernels.CTAS_PER_SM`` is the fewest CTAs per SM of each bf16 kernel and tile over the
+    compiled flag sets, within one CTA across Triton releases; the default half-precision tile
+    keeps two CTAs per SM (at most 128 registers a thread) with every flag set but doc_to_doc's
+    periodic exclusion: exclude_diagonal, query_to_query and the symmetric block with a learnable
+    scale included."""
+    from simcse_fast.similarity import CTAS_PER_SM
+
+    fewest = {}
+    for result in similarity_results:
+        case = result["case"]
+        if "=bf16" not in case:
+            continue
+        kernel = "forward" if "_lse_partial_kernel" in case else "weights"
+        key = (kernel, case.split("tile=")[1])
+        fewest[key] = min(fewest.get(key, 99), _ctas_per_sm(result))
+    assert set(fewest) == set(CTAS_PER_SM)
+    for key, ctas in fewest.items():
+        assert abs(CTAS_PER_SM[key] - ctas) <= 1, (key, ctas)
+    for result in similarity_results:
+        periodic = "'EXCLUDE': 2" in result["case"]
+        if result["case"].split("tile=")[1] in ("128x64", "128x64/cols") and not periodic:
+            assert _ctas_per_sm(result) >= 2, result

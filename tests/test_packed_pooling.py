@@ -117,7 +117,7 @@ BAD_OFFSETS = [
     (torch.tensor([0, 4, 7]), ValueError, "T last"),
     (torch.tensor([0, 4, 9]), ValueError, "got first 0, last 9"),
     (torch.tensor([0.0, 8.0]), TypeError, "int32 or int64"),
-    (torch.tensor([[0, 8]]), ValueError, "cu_seqlens must have 1 dimensions"),
+    (torch.tensor([[0, 8]]), ValueError, "cu_seqlens must have 1 dimension,"),
     (torch.tensor([], dtype=torch.int64), ValueError, "B \\+ 1 >= 1"),
     ([0, 8], TypeError, "cu_seqlens must be a torch.Tensor"),
 ]

@@ -10,7 +10,8 @@ import textwrap
 
 import pytest
 import torch
-from inputs import cpu_backends, random_embeddings
+from inputs import cpu_backends
+from loss_checks import FORWARD_TOLERANCE, SHAPES, assert_close_scaled, check_op, make_inputs, with_grads
 
 import simcse_fast as sf
 from simcse_fast import reference
@@ -25,74 +26,6 @@ CASES = [pytest.param(*case, id=f"{case[0]}-{case[1]}-{str(case[2])[6:]}") for c
     for backend in ("torch", "triton")
     for dtype in (torch.float32, torch.float16, torch.bfloat16)
 ]
-
-# Error allowed, by input dtype, relative to a size: for outputs, the largest magnitude of the
-# float64 result (at least 1). Forward cosines come from exact products accumulated in fp32,
-# so even half inputs give fp32-accurate losses. Gradients are compared at the magnitude of
-# their terms, s * max(1/|x|) * max|upstream| (see gradient_size): the log-sum-exp term and
-# the positive term nearly cancel for an easy positive, and the half-precision tensor-core
-# products of the backward carry errors relative to the terms, not to their difference.
-FORWARD_TOLERANCE = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5}
-GRADIENT_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
-
-# (N, M, D): M >= N, extra rows are hard negatives; D not a multiple of the block size.
-SHAPES = [(1, 1, 8), (4, 9, 33), (37, 37, 384), (130, 200, 768), (5, 16, 1000), (3, 70, 8)]
-
-
-def assert_close_scaled(actual, expected, tolerance: float, what: str, size: float | None = None):
-    """Finite entries within ``tolerance`` x ``size`` (default: the largest finite magnitude, at
-    least 1); infinite and NaN entries (a row with no term has log-sum-exp -inf) must match
-    exactly."""
-    actual, expected = actual.double(), expected.double()
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    finite = expected.isfinite()
-    assert torch.equal(actual[~finite].nan_to_num(0.5), expected[~finite].nan_to_num(0.5)), (
-        f"{what}: non-finite"
-    )
-    if finite.any():
-        size = max(1.0, expected[finite].abs().max().item(), size or 0.0)
-        error = (actual[finite] - expected[finite]).abs().max().item()
-        assert error <= tolerance * size, f"{what}: max error {error:.3e} > {tolerance:.1e} x {size:.3g}"
-
-
-def make_inputs(n, m, d, dtype, device, generator, scale=20.0):
-    queries = random_embeddings((n, d), dtype, generator).to(device)
-    keys = random_embeddings((m, d), dtype, generator).to(device)
-    scale = torch.tensor(scale, dtype=torch.float32, device=device)
-    return queries, keys, scale
-
-
-def with_grads(fn, queries, keys, scale, generator, **kwargs):
-    """``fn``'s output and the gradients of ``<out, w>`` (random ``w``) in queries, keys, scale."""
-    leaves = [t.detach().clone().requires_grad_() for t in (queries, keys, scale)]
-    out = fn(leaves[0], leaves[1], scale=leaves[2], **kwargs)
-    weight = torch.randn(out.shape, generator=generator, dtype=torch.float64).to(out.device, out.dtype)
-    grads = torch.autograd.grad(out, leaves, weight)
-    return out, grads, weight
-
-
-def gradient_size(queries, keys, scale, upstream_per_row: float) -> float:
-    """``s * max(1 / |x|) * upstream``: the magnitude of one gradient term."""
-    inverse_norm = torch.cat([queries, keys]).double().norm(dim=1).clamp_min(1e-12).reciprocal().max()
-    return abs(scale.item()) * inverse_norm.item() * upstream_per_row
-
-
-def check_op(ours, ref, queries, keys, scale, dtype, seed, what, **kwargs):
-    out, grads, weight = with_grads(ours, queries, keys, scale, torch.Generator().manual_seed(seed), **kwargs)
-    queries64, keys64, scale64 = (t.detach().double() for t in (queries, keys, scale))
-    expected, expected_grads, _ = with_grads(
-        ref, queries64, keys64, scale64, torch.Generator().manual_seed(seed), **kwargs
-    )
-    assert out.dtype == torch.float32, f"{what}: output dtype {out.dtype}"
-    assert_close_scaled(out, expected, FORWARD_TOLERANCE[dtype], f"{what} forward")
-    averaged = out.dim() == 0 and kwargs.get("reduction", "mean") == "mean"
-    upstream_per_row = weight.abs().max().item() / (queries.shape[0] if averaged else 1)
-    for name, grad, expected_grad, input_dtype in zip(
-        ("queries", "keys", "scale"), grads, expected_grads, (dtype, dtype, torch.float32), strict=True
-    ):
-        assert grad.dtype == input_dtype, f"{what}: d{name} dtype {grad.dtype}"
-        size = None if name == "scale" else gradient_size(queries, keys, scale, upstream_per_row)
-        assert_close_scaled(grad, expected_grad, GRADIENT_TOLERANCE[dtype], f"{what} d{name}", size)
 
 
 @pytest.mark.parametrize("device, backend, dtype", CASES)
@@ -225,7 +158,7 @@ BAD_INFO_NCE = [
     (valid(labels=torch.tensor([0, 1, 2, 6])), ValueError, r"labels must index candidates, in \[0, 6\)"),
     (valid(labels=torch.tensor([0, -1, 2, 3])), ValueError, "labels must index candidates"),
     (valid(labels=torch.tensor([0, 1, 2])), ValueError, r"labels must have shape \(N,\) = \(4,\)"),
-    (valid(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have 1 dimensions"),
+    (valid(labels=torch.zeros(4, 1, dtype=torch.long)), ValueError, "labels must have 1 dimension,"),
     (valid(labels=torch.zeros(4)), TypeError, "labels must be an integer tensor"),
     (valid(labels=[0, 1, 2, 3]), TypeError, "labels must be a torch.Tensor"),
     (valid(labels=torch.arange(4), symmetric=True), ValueError, "symmetric=True .* takes no labels"),
@@ -405,11 +338,14 @@ def test_bad_chunk_budget_environment(monkeypatch):
         sf.info_nce(torch.randn(4, 8), torch.randn(4, 8))
 
 
-@pytest.mark.parametrize("budget", [1 << 30, 256], ids=["cosines-kept", "chunked"])
-@pytest.mark.parametrize("backend", cpu_backends())
-def test_contrastive_op_passes_opcheck(backend, budget, generator):
+IMPLEMENTATIONS = ["torch", *(["fused:64x64", "gemm"] if "triton" in cpu_backends() else [])]
+
+
+@pytest.mark.parametrize("budget", [1 << 30, 256], ids=["matrix-kept", "chunked"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_contrastive_op_passes_opcheck(implementation, budget, generator):
     """Schema, fake kernel, autograd registration and AOT dispatch of the loss op, for a
-    sentence-transformers layout (all directions, joint) and for labels."""
+    sentence-transformers layout (all directions, joint) and for labels, each strategy."""
     from simcse_fast import similarity
 
     queries = torch.randn(6, 16, generator=generator).requires_grad_()
@@ -417,8 +353,8 @@ def test_contrastive_op_passes_opcheck(backend, budget, generator):
     scale = torch.tensor(20.0).requires_grad_()
     labels = torch.randint(0, 12, (6,), generator=generator)
     for args in [
-        (queries, docs, scale, None, 4, True, True, True, True, True, False, backend, budget),
-        (queries, docs, scale, labels, 6, False, False, False, False, True, False, backend, budget),
-        (queries, docs, scale, None, 6, False, False, False, False, False, True, backend, budget),
+        (queries, docs, scale, None, 4, True, True, True, True, True, False, implementation, budget),
+        (queries, docs, scale, labels, 6, False, False, False, False, True, False, implementation, budget),
+        (queries, docs, scale, None, 6, False, False, False, False, False, True, implementation, budget),
     ]:
         torch.library.opcheck(similarity.contrastive_loss_op, args)

@@ -1,0 +1,210 @@
+"""The loss as ``torch.library`` custom ops (forward and backward, with fake kernels and the
+autograd formula), over whichever strategy ``implementation`` names: ``"torch"``, ``"gemm"`` or
+``"fused:<tile>"`` (``kernels.FUSED_CONFIGS``). Neither op reads a value back to the host nor
+copies host data to the device: a step that calls them can be captured in a CUDA graph."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import fused, gemm, torch_path
+from .numerics import (
+    Block,
+    Side,
+    accumulate_product,
+    blocks,
+    complement,
+    direction_geometry,
+    directions,
+    negatives_lse,
+    positive_cosines,
+    positive_slots,
+    split_stats,
+    weight_scale,
+)
+
+STRATEGY_MODULES = {"fused": fused, "gemm": gemm, "torch": torch_path}
+"""Each strategy's ``row_lse`` (the forward of one direction) and ``weight_chunks`` (``W`` a chunk
+of rows at a time)."""
+
+KEEPING_STRATEGIES = ("gemm", "torch")
+"""Strategies whose forward keeps its N x M intermediate for the backward when it fits the
+budget: ``"gemm"`` its dot products, ``"torch"`` its cosines (fp32 either way)."""
+
+
+def parse_implementation(implementation: str):
+    """``(strategy module, tile name or None)`` of an implementation string."""
+    strategy, _, tile = implementation.partition(":")
+    return STRATEGY_MODULES[strategy], (tile or None)
+
+
+def kept_elements(n_local, n_queries, n_docs, chosen, implementation, budget) -> int:
+    """Size of the matrix the forward keeps for the backward: every direction's or nothing."""
+    if implementation not in KEEPING_STRATEGIES:
+        return 0
+    total = sum(n_local * direction_geometry(d, n_queries, n_docs)[0] for d in chosen)
+    return total if 4 * total <= budget else 0
+
+
+def _row_lse(rows, n_rows, cols, n_cols, period, positive, scale, implementation, budget, kept):
+    """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``;
+    ``positive = (mode, labels)``, mode 0 (none), 1 (column = row) or 2 (column = label)."""
+    if n_rows == 0:
+        empty = torch.empty(0, dtype=torch.float32, device=rows.x.device)
+        return empty, (empty if positive[0] else None)
+    module, tile = parse_implementation(implementation)
+    return module.row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, kept, tile)
+
+
+def _scale32(scale: Tensor) -> Tensor:
+    return scale.to(torch.float32).reshape(1)
+
+
+@torch.library.custom_op("simcse_fast::contrastive_loss", mutates_args=())
+def contrastive_loss_op(
+    queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None, n_local: int,
+    query_to_query: bool, doc_to_query: bool, doc_to_doc: bool, joint: bool, with_positive: bool,
+    exclude_diagonal: bool, implementation: str, budget: int,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Per-row loss ``(n_local,)`` fp32 (package docstring); the row statistics the backward
+    reuses, ``(#directions + #directions with a positive, n_local)`` fp32 (each direction's
+    log-sum-exp, then the log-sum-exp without the positive); the N x M intermediate the strategy
+    keeps for the backward (flat fp32, empty unless it fits ``budget`` bytes). Inputs already
+    checked."""
+    q, d, scale32 = Side(queries), Side(docs), _scale32(scale)
+    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    kept = torch.empty(
+        kept_elements(n_local, q.rows, d.rows, chosen, implementation, budget),
+        dtype=torch.float32, device=queries.device,
+    )  # fmt: skip
+    lses, negative_lses, offset = [], [], 0
+    for direction in chosen:
+        n_cols, period = direction_geometry(direction, q.rows, d.rows)
+        piece = kept[offset : offset + n_local * n_cols] if kept.numel() else None
+        offset += n_local * n_cols
+        rows, cols = (q if direction.rows_are_queries else d), (q if direction.cols_are_queries else d)
+        positive = (0, None)
+        if direction.has_positive:
+            positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
+        lse, negative_lse = _row_lse(
+            rows, n_local, cols, n_cols, period, positive, scale32, implementation, budget, piece
+        )
+        lses.append(lse)
+        if negative_lse is not None:
+            negative_lses.append(negative_lse)
+    lse = torch.stack(lses)
+    stats = torch.cat([lse, torch.stack(negative_lses)]) if negative_lses else lse
+    if not with_positive:
+        loss = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
+        return loss, stats, kept
+    # loss_i = log_z_i - l_ii from the log-sum-exp of the terms other than the positive's:
+    # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
+    # it to the cancellation of two numbers near |s|.
+    positive_logits = scale32 * positive_cosines(q, d, n_local, labels)
+    negatives = negatives_lse(lse, split_stats(stats, chosen)[1], chosen)
+    if joint:
+        # logaddexp(excess, log slots), with the constant as a Python number: no host-to-device copy.
+        log_slots = math.log(positive_slots(chosen))
+        loss = log_slots + F.softplus(torch.logsumexp(negatives, dim=0) - positive_logits - log_slots)
+    else:
+        per_direction = [
+            F.softplus(negatives[k] - positive_logits) if direction.has_positive else lse[k] - positive_logits
+            for k, direction in enumerate(chosen)
+        ]
+        loss = torch.stack(per_direction).mean(dim=0)
+    return loss, stats, kept
+
+
+@contrastive_loss_op.register_fake
+def _contrastive_loss_fake(
+    queries, docs, scale, labels, n_local, query_to_query, doc_to_query, doc_to_doc, joint,
+    with_positive, exclude_diagonal, implementation, budget,
+):  # fmt: skip
+    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    kept = kept_elements(n_local, queries.shape[0], docs.shape[0], chosen, implementation, budget)
+    n_stats = len(chosen) + positive_slots(chosen)
+    return (
+        queries.new_empty((n_local,), dtype=torch.float32),
+        queries.new_empty((n_stats, n_local), dtype=torch.float32),
+        queries.new_empty((kept,), dtype=torch.float32),
+    )
+
+
+def _accumulate_block(block: Block, scale: Tensor, implementation: str, budget: int, scale_grad: bool):
+    """``U_rows += W @ unit(cols)`` and ``U_cols += W^T @ unit(rows)``, a chunk of rows at a time,
+    each accumulated inside the GEMM; returns ``sum W cos`` in fp32 (for ``d scale``) when
+    ``scale_grad``, else None."""
+    if block.n_rows == 0 or block.n_cols == 0:
+        return None
+    module, tile = parse_implementation(implementation)
+    cols_unit = block.cols.unit[: block.n_cols]
+    w_cos = []
+    for start, stop, weights, chunk_w_cos in module.weight_chunks(block, scale, budget, scale_grad, tile):
+        w_cos.append(chunk_w_cos)
+        rows = slice(block.row_start + start, block.row_start + stop)
+        accumulate_product(block.rows.grad_acc[rows], weights, cols_unit)
+        accumulate_product(block.cols.grad_acc[: block.n_cols], weights.T, block.rows.unit[rows])
+    return torch.stack(w_cos).sum() if scale_grad else None
+
+
+@torch.library.custom_op("simcse_fast::contrastive_loss_backward", mutates_args=())
+def contrastive_loss_backward_op(
+    grad_loss: Tensor, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None,
+    stats: Tensor, kept: Tensor, n_local: int, query_to_query: bool, doc_to_query: bool,
+    doc_to_doc: bool, joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str,
+    budget: int, scale_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of :func:`contrastive_loss_op`'s per-row loss in queries, docs and scale (zero
+    unless ``scale_grad``: ``sum W cos`` costs a pass over ``W`` on the torch path)."""
+    q, d, scale32 = Side(queries), Side(docs), _scale32(scale)
+    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    lse, negative_lse = split_stats(stats, chosen)
+    complement_ = complement(lse, negative_lse, chosen, joint)
+    grad = grad_loss.float()
+    w_scale = weight_scale(complement_, chosen, grad, joint)
+    scaled_grad = (grad * w_scale).contiguous()
+    w_cos = torch.zeros((), dtype=torch.float32, device=queries.device)
+    for block in blocks(q, d, n_local, chosen, lse, complement_, kept, scaled_grad, labels, joint):
+        block_w_cos = _accumulate_block(block, scale32, implementation, budget, scale_grad)
+        if block_w_cos is not None:
+            w_cos = w_cos + block_w_cos
+    factor = scale32 / w_scale
+    grad_scale = (w_cos / w_scale).reshape(scale.shape).to(scale.dtype)
+    return q.gradient(factor), d.gradient(factor), grad_scale
+
+
+@contrastive_loss_backward_op.register_fake
+def _contrastive_loss_backward_fake(grad_loss, queries, docs, scale, *_args):
+    return queries.new_empty(queries.shape), docs.new_empty(docs.shape), scale.new_empty(scale.shape)
+
+
+_FLAGS = (
+    "n_local", "query_to_query", "doc_to_query", "doc_to_doc", "joint", "with_positive",
+    "exclude_diagonal", "implementation", "budget",
+)  # fmt: skip
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    queries, docs, scale, labels, *flags = inputs
+    _, stats, kept = output
+    ctx.save_for_backward(queries, docs, scale, labels, stats, kept)
+    ctx.flags = dict(zip(_FLAGS, flags, strict=True))
+    ctx.mark_non_differentiable(stats, kept)
+
+
+def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_kept):
+    queries, docs, scale, labels, stats, kept = ctx.saved_tensors
+    flags = ctx.flags
+    grads = contrastive_loss_backward_op(
+        grad_loss, queries, docs, scale, labels, stats, kept, flags["n_local"], flags["query_to_query"],
+        flags["doc_to_query"], flags["doc_to_doc"], flags["joint"], flags["with_positive"],
+        flags["exclude_diagonal"], flags["implementation"], flags["budget"], ctx.needs_input_grad[2],
+    )  # fmt: skip
+    return *grads, None, None, None, None, None, None, None, None, None, None
+
+
+contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,99 @@
+"""Strategy ``"torch"``: the loss in PyTorch ops, on any device. The vendor GEMM forms each row
+chunk's cosines in fp32 and tensor ops reduce them; the backward forms ``W`` with the same
+formulas as the Triton kernels. When every direction's cosines fit the budget, the forward keeps
+them and the backward does not recompute them (as eager PyTorch keeps its logits): on a GPU this
+is the eager-equivalent candidate of the selection."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .numerics import Block, Side, budget_rows, exclusion_mask, positive_columns
+
+TEMPORARY_BYTES = 12
+"""Bytes per element of a chunk's fp32 temporaries beside ``W``: cosines or logits, and the
+column terms."""
+
+
+def cosines(rows: Side, row_slice: slice, cols: Side, n_cols: int, out: Tensor | None = None) -> Tensor:
+    """``cos(rows.x[row_slice], cols.x[:n_cols])`` in fp32. Half inputs on a GPU: the tensor-core
+    GEMM of the raw rows (exact products, fp32 accumulation) times ``a_i b_j``; otherwise the fp32
+    GEMM of fp32 unit rows, whose rounding (2**-24) is below that of the accumulation."""
+    if rows.x.is_cuda and rows.x.dtype != torch.float32:
+        dots = rows.dots(row_slice, cols, n_cols)
+        dots = dots.mul_(rows.inv_norm[row_slice, None]).mul_(cols.inv_norm[None, :n_cols])
+        return dots if out is None else out.copy_(dots)
+    return torch.matmul(rows.unit32[row_slice], cols.unit32[:n_cols].T, out=out)
+
+
+def row_lse(rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None):
+    """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``;
+    ``kept``: a flat buffer that receives the cosines for the backward, or None."""
+    mode, labels = positive
+    lse = torch.empty(n_rows, dtype=torch.float32, device=rows.x.device)
+    negative_lse = torch.empty_like(lse) if mode else None
+    step = n_rows if kept is not None else budget_rows(budget, TEMPORARY_BYTES * n_cols, n_rows)
+    for start in range(0, n_rows, step):
+        stop = min(start + step, n_rows)
+        out = None if kept is None else kept.view(n_rows, n_cols)[start:stop]
+        terms = cosines(rows, slice(start, stop), cols, n_cols, out=out) * scale
+        if period:
+            global_rows = torch.arange(start, stop, device=lse.device)
+            terms.masked_fill_(exclusion_mask(global_rows, n_cols, period), float("-inf"))
+        shift = terms.amax(dim=1, keepdim=True) if n_cols else terms.new_zeros((stop - start, 1))
+        shift = torch.where(shift == float("-inf"), torch.zeros_like(shift), shift)
+        terms.sub_(shift).exp_()
+        shift = shift.squeeze(1)
+        if not mode:
+            lse[start:stop] = shift + terms.sum(dim=1).log()
+            continue
+        # The sum without the positive comes first and the positive is added to it: no
+        # difference of nearly equal sums, whatever P_positive.
+        columns = positive_columns(mode, labels, start, stop, 0, lse.device)
+        positive_terms = terms.gather(1, columns).squeeze(1)
+        negatives = terms.scatter_(1, columns, 0.0).sum(dim=1)
+        lse[start:stop] = shift + (negatives + positive_terms).log()
+        negative_lse[start:stop] = shift + negatives.log()
+    return lse, negative_lse
+
+
+def weight_chunks(block: Block, scale: Tensor, budget: int, scale_grad: bool, config=None):
+    """Yields ``(start, stop, W, sum W cos or None)`` over the block's rows, a budget-sized chunk
+    at a time: the same ``W`` as ``_gradient_weights_kernel``, in PyTorch ops."""
+    element = block.rows.x.element_size()
+    step = budget_rows(budget, block.n_cols * (element + TEMPORARY_BYTES), block.n_rows)
+    for start in range(0, block.n_rows, step):
+        stop = min(start + step, block.n_rows)
+        yield (start, stop, *_weights(block, start, stop, scale, scale_grad))
+
+
+def _weights(block: Block, start: int, stop: int, scale: Tensor, scale_grad: bool):
+    rows = slice(block.row_start + start, block.row_start + stop)
+    if block.kept is not None:
+        cos = block.kept[start:stop]
+    else:
+        cos = cosines(block.rows, rows, block.cols, block.n_cols)
+    logits = cos * scale
+    n_terms = block.n_col_terms
+    col_part = None
+    if block.col_lse is not None:
+        col_part = (logits[:, :n_terms] - block.col_lse[None, :]).exp_().mul_(block.col_weight[None, :])
+    if block.row_lse is None:
+        weights = col_part  # a block of column terms only spans exactly those columns
+    else:
+        weights = logits.sub_(block.row_lse[start:stop, None]).exp_().mul_(block.row_weight[start:stop, None])
+        if col_part is not None:
+            weights[:, :n_terms] += col_part
+    if block.positive_mode:
+        columns = positive_columns(
+            block.positive_mode, block.labels, start, stop, block.row_start, cos.device
+        )
+        weights.scatter_(1, columns, block.positive_value[start:stop, None])
+    if block.exclude_period:
+        global_rows = torch.arange(rows.start, rows.stop, device=cos.device)
+        weights.masked_fill_(exclusion_mask(global_rows, block.n_cols, block.exclude_period), 0.0)
+    # Row sums in fp32, their total in fp64: W sums to about 0 over a row, so the terms cancel,
+    # and one fp32 accumulator over all N x M of them lost ten times eager's accuracy (scale 50).
+    w_cos = torch.linalg.vecdot(weights, cos).sum(dtype=torch.float64).float() if scale_grad else None
+    return weights.to(block.rows.x.dtype), w_cos
