@@ -11,13 +11,17 @@ from torch import Tensor
 from . import distributed, pooling, similarity
 from ._backends import default_backend, resolve_backend
 from ._checks import (
+    LOSS_DTYPES,
     check_bool,
     check_embedding_pair,
+    check_float_dtype,
     check_labels,
     check_loss_scale,
     check_packed_inputs,
     check_pooling_inputs,
     check_reduction,
+    check_same_device,
+    check_tensor,
     scale_tensor,
 )
 
@@ -67,18 +71,19 @@ def _loss_backend(backend, op: str, embeddings: Tensor, argument: str) -> tuple[
 
 def _contrastive_loss(
     backends: tuple[str, str], queries: Tensor, docs: Tensor, scale: Tensor, labels, n_local: int,
-    flags: tuple, chunk_mb,
+    flags: tuple, chunk_mb, options=similarity.PLAIN,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The loss op on checked inputs, ``backends`` from :func:`_loss_backend`: memory budget and
     strategy chosen for this call. ``flags``: query_to_query, doc_to_query, doc_to_doc, joint,
-    with_positive, exclude_diagonal."""
+    with_positive, exclude_diagonal; ``options``: ``similarity.LossOptions``."""
     requested, resolved = backends
     budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1])
     implementation = similarity.choose_implementation(
-        requested, resolved, queries, docs, scale, labels, n_local, flags, budget
+        requested, resolved, queries, docs, scale, labels, n_local, flags, budget, options
     )
+    extra = options.op_args(queries.shape[0])
     return similarity.contrastive_loss_op(
-        queries, docs, scale, labels, n_local, *flags, implementation, budget
+        queries, docs, scale, labels, n_local, *flags, implementation, budget, *extra
     )
 
 
@@ -263,6 +268,8 @@ def in_batch_negatives_loss(
     scale=20.0,
     directions=("query_to_doc",),
     partition_mode: str = "joint",
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
     backend: str | None = None,
     chunk_mb: float | None = None,
 ) -> Tensor:
@@ -275,6 +282,12 @@ def in_batch_negatives_loss(
     d_i)``, with ``log_z_i`` over the ``directions`` ("query_to_doc" required; "query_to_query",
     "doc_to_query", "doc_to_doc" as in sentence-transformers): ``partition_mode="joint"`` one
     softmax over all their terms, ``"per_direction"`` the mean of their log-sum-exps.
+
+    ``hardness_mode`` (sentence-transformers >= 5.3's, Lan et al. 2025) with
+    ``hardness_strength = alpha > 0``: in query_to_doc the selected negatives' logits become
+    ``scale cos + alpha stopgrad(cos)``: ``"in_batch_negatives"`` the documents of other queries,
+    ``"hard_negatives"`` the query's own hard negatives, ``"all_negatives"`` every document but the
+    positive. A selected term's forward multiplier is ``scale + alpha``, its gradient's ``scale``.
     """
     check_embedding_pair("queries", queries, "docs", docs)
     n_queries = queries.shape[0]
@@ -293,11 +306,95 @@ def in_batch_negatives_loss(
         )
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")
+    if hardness_mode is not None and hardness_mode not in similarity.HARDNESS_MODES:
+        raise ValueError(
+            f"hardness_mode must be None or one of {', '.join(map(repr, similarity.HARDNESS_MODES))}; "
+            f"got {hardness_mode!r}"
+        )
+    if isinstance(hardness_strength, bool) or not isinstance(hardness_strength, (int, float)):
+        raise TypeError(f"hardness_strength must be a number, got {type(hardness_strength).__name__}")
+    if not 0 <= hardness_strength < float("inf"):
+        raise ValueError(f"hardness_strength must be a non-negative, finite number; got {hardness_strength}")
+    hardness = similarity.HARDNESS_MODES[hardness_mode] if hardness_mode and hardness_strength > 0 else 0
     scale = scale_tensor(scale, queries.device)
     backends = _loss_backend(backend, "in_batch_negatives_loss", queries, "queries")
     flags = (
         "query_to_query" in directions, "doc_to_query" in directions, "doc_to_doc" in directions,
         partition_mode == "joint", True, False,
     )  # fmt: skip
-    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb)
+    options = similarity.LossOptions(hardness=hardness, hardness_strength=hardness_strength)
+    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb, options)
+    return loss
+
+
+def guided_in_batch_negatives_loss(
+    anchors: Tensor,
+    docs: Tensor,
+    guide_anchors: Tensor,
+    guide_docs: Tensor,
+    *,
+    n_positives: int,
+    scale=100.0,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    backend: str | None = None,
+    chunk_mb: float | None = None,
+) -> Tensor:
+    """Per-anchor loss ``(B,)`` fp32 of sentence-transformers' GISTEmbedLoss (guided in-batch
+    negatives, Solatorio 2024), without the similarity matrices of the model or the guide.
+
+    ``anchors (B, D)``: this process's anchors; ``docs (k P, D)``: ``k`` columns of ``P =
+    n_positives`` documents, the positives first (anchor ``i``'s at row ``i``; rows ``B..P-1``
+    gathered from other processes), then any hard negatives laid out the same way;
+    ``guide_anchors (B, Dg)`` and ``guide_docs (k P, Dg)``: the guide model's embeddings of the
+    same texts (no gradient). One softmax per anchor over ``scale`` times its cosines with every
+    document, with every anchor when ``contrast_anchors`` (anchor-anchor), and from its positive
+    to every positive when ``contrast_positives`` (positive-positive). A term leaves the softmax
+    when the guide's cosine of its pair is above the guide's cosine of the anchor's positive pair
+    less ``margin`` (``margin_strategy="relative"``: less ``margin`` times its magnitude), the
+    positive itself excepted. ``loss_i = log_z_i - scale cos(a_i, d_i)``; ``scale`` is
+    sentence-transformers' ``1 / temperature``. Guide cosines within ``2**-17`` of the threshold
+    count as equal to it (kept), so that pairs of identical texts, which tie exactly in
+    sentence-transformers (SimCSE's anchor and positive, a document that is one anchor's positive
+    and another's negative), are kept as there although the sums run in another order.
+    """
+    check_embedding_pair("anchors", anchors, "docs", docs)
+    for name, guide, rows in (("guide_anchors", guide_anchors, anchors), ("guide_docs", guide_docs, docs)):
+        check_tensor(name, guide, 2)
+        check_float_dtype(name, guide, LOSS_DTYPES)
+        check_same_device(name, guide, "anchors", anchors)
+        if guide.shape[0] != rows.shape[0]:
+            raise ValueError(
+                f"{name} must have one row per embedding ({rows.shape[0]}); got {guide.shape[0]}"
+            )
+    if guide_docs.dtype != guide_anchors.dtype or guide_docs.shape[1] != guide_anchors.shape[1]:
+        raise TypeError(
+            f"guide_docs must have the dtype and size of guide_anchors ({guide_anchors.dtype}, "
+            f"{guide_anchors.shape[1]}); got {guide_docs.dtype}, {guide_docs.shape[1]}"
+        )
+    n_anchors = anchors.shape[0]
+    if n_anchors == 0:
+        raise ValueError("anchors must have at least one row: the loss of an empty batch is undefined")
+    if isinstance(n_positives, bool) or not isinstance(n_positives, int) or n_positives < n_anchors:
+        raise ValueError(f"n_positives must be an int >= the {n_anchors} anchors; got {n_positives!r}")
+    if docs.shape[0] % n_positives:
+        raise ValueError(
+            f"docs must hold whole columns of n_positives = {n_positives} rows; got {docs.shape[0]}"
+        )
+    if margin_strategy not in ("absolute", "relative"):
+        raise ValueError(f"margin_strategy must be 'absolute' or 'relative'; got {margin_strategy!r}")
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+        raise TypeError(f"margin must be a number, got {margin!r}")
+    check_bool("contrast_anchors", contrast_anchors)
+    check_bool("contrast_positives", contrast_positives)
+    scale = scale_tensor(scale, anchors.device)
+    backends = _loss_backend(backend, "guided_in_batch_negatives_loss", anchors, "anchors")
+    flags = (contrast_anchors, False, contrast_positives, True, True, False)
+    options = similarity.LossOptions(
+        doc_block=n_positives, guide_queries=guide_anchors.detach(), guide_docs=guide_docs.detach(),
+        margin=margin, relative_margin=margin_strategy == "relative",
+    )  # fmt: skip
+    loss, _, _ = _contrastive_loss(backends, anchors, docs, scale, None, n_anchors, flags, chunk_mb, options)
     return loss

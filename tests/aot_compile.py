@@ -166,7 +166,9 @@ exclusion): every tile of the tuned space is compiled with these, every flag com
 each dtype's default tile and with the gemm strategy's pass."""
 
 
-def _similarity_case(kernel: str, dtype: str, precision: str, config, flags: dict, precomputed: bool):
+def _similarity_case(
+    kernel: str, dtype: str, precision: str, config, flags: dict, precomputed: bool, guide_dtype: str = "bf16"
+):  # fmt: skip
     from simcse_fast.similarity import kernels
 
     pointers = {
@@ -175,8 +177,11 @@ def _similarity_case(kernel: str, dtype: str, precision: str, config, flags: dic
         "q_ptr": dtype,
         "k_ptr": dtype,
         "w_ptr": dtype,
+        "gx_ptr": guide_dtype,
+        "gy_ptr": guide_dtype,
         "labels_ptr": "i64",
     }
+    flags = {"HARDNESS": 0, "GUIDED": 0, **flags}
     if kernel == "forward":
         name = "_lse_partial_kernel"
         blocks = {"BLOCK_N": config.block_rows, "BLOCK_M": config.block_cols, "BLOCK_D": config.block_d}
@@ -187,6 +192,7 @@ def _similarity_case(kernel: str, dtype: str, precision: str, config, flags: dic
         blocks["GROUP_R"] = config.group_rows
     used = {arg: dtype for arg, dtype in pointers.items() if arg in getattr(kernels, name).arg_names}
     constexprs = {**flags, **blocks, "PRECOMPUTED": precomputed, "DOT_PRECISION": precision}
+    constexprs["GUIDE_PRECISION"] = "ieee"
     label, *rest = make_case(
         "simcse_fast.similarity.kernels", name, used, constexprs, config.num_warps,
         aligned=True, int64_strides=False, num_stages=config.num_stages,
@@ -238,6 +244,36 @@ def similarity_cases():
         yield _similarity_case(
             "weights", dtype, "ieee", weights_pass, _weights_flags(*HEAVIEST_WEIGHTS[0]), True
         )
+    yield from adjusted_cases()
+
+
+def adjusted_cases():
+    """Hardness weighting (sentence-transformers' three modes) and GIST's guided mask, bf16, with
+    the default tile (every mode) and the gemm pass (one of each): the row logits' adjustment
+    adds the guide's tile or a second logit tile to the kernels."""
+    from simcse_fast.similarity import kernels
+
+    tile, forward_pass, weights_pass = (
+        kernels.fused_config(2),
+        kernels.PASS_CONFIGS["forward"],
+        kernels.PASS_CONFIGS["weights"],
+    )
+    forward = [{"POSITIVE": 1, "EXCLUDE": 0, "HARDNESS": mode} for mode in (1, 2, 3)]
+    forward += [{"POSITIVE": 1, "EXCLUDE": 0, "GUIDED": 1}, {"POSITIVE": 0, "EXCLUDE": 0, "GUIDED": 2}]
+    weights = [{**_weights_flags((True, False, 1, 0), True), "HARDNESS": mode} for mode in (1, 2, 3)]
+    weights.append({**_weights_flags((True, True, 1, 0), True), "HARDNESS": 1})  # symmetric
+    weights.append({**_weights_flags((True, False, 1, 0), True), "GUIDED": 1})
+    weights.append({**_weights_flags((True, False, 0, 0), True), "GUIDED": 2})
+    for flags in forward:
+        yield _similarity_case("forward", "bf16", "ieee", tile, flags, False)
+    for flags in weights:
+        yield _similarity_case("weights", "bf16", "ieee", tile, flags, False)
+    for flags in (forward[0], forward[3]):
+        yield _similarity_case("forward", "bf16", "ieee", forward_pass, flags, True)
+    for flags in (weights[3], weights[4]):
+        yield _similarity_case("weights", "bf16", "ieee", weights_pass, flags, True)
+    # A guide in fp32 beside a bf16 model.
+    yield _similarity_case("weights", "bf16", "ieee", tile, weights[4], False, guide_dtype="fp32")
 
 
 CASES = {"pooling": pooling_cases, "similarity": similarity_cases}

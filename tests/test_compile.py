@@ -83,9 +83,10 @@ def test_backward_op_passes_opcheck(generator):
     queries = random_embeddings((32, 6), torch.float32, generator).T
     docs = random_embeddings((8, 20), torch.float32, generator)
     scale = torch.tensor(20.0)
+    extra = similarity.PLAIN.op_args(6)
     _, stats, cache = similarity.contrastive_loss_op(
-        queries, docs, scale, None, 6, False, True, False, False, True, False, "torch", 1 << 20
+        queries, docs, scale, None, 6, False, True, False, False, True, False, "torch", 1 << 20, *extra
     )
-    flags = (6, False, True, False, False, True, False, "torch", 1 << 20, True)
+    flags = (6, False, True, False, False, True, False, "torch", 1 << 20, *extra, True)
     args = (torch.ones(6), queries, docs, scale, None, stats, cache, *flags)
     torch.library.opcheck(similarity.contrastive_loss_backward_op, args)

@@ -15,7 +15,7 @@ from loss_checks import check_op, make_inputs, with_grads
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import simcse_fast as sf
-from simcse_fast import _checks, _triton, distributed, functional, pooling, reference
+from simcse_fast import _checks, _triton, distributed, functional, pooling, reference, similarity
 from simcse_fast.similarity import PASS_CONFIGS, fused, kernels, numerics, op, select
 
 needs_interpreter = pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
@@ -153,15 +153,37 @@ def device_value_checks(monkeypatch):
     monkeypatch.setattr(distributed, "reads_values_on_host", lambda tensor: False)
 
 
-# (labels, n_local, query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
+def _gist_options(generator) -> similarity.LossOptions:
+    """A guide of 12 dimensions for 20 anchors and two columns of 20 documents."""
+    return similarity.LossOptions(
+        doc_block=20, guide_queries=random_embeddings((20, 12), torch.float32, generator),
+        guide_docs=random_embeddings((40, 12), torch.float32, generator), margin=0.05,
+    )  # fmt: skip
+
+
+# mode -> (labels, n_local, (query_to_query, doc_to_query, doc_to_doc, joint, with_positive,
+# exclude_diagonal), options)
 OP_MODES = {
-    "similarity_logsumexp": (False, 20, False, False, False, False, False, False),
-    "exclude_diagonal": (False, 20, False, False, False, False, False, True),
-    "info_nce": (False, 20, False, False, False, False, True, False),
-    "labels": (True, 20, False, False, False, False, True, False),
-    "symmetric": (False, 20, False, True, False, False, True, False),
-    "all_directions_joint_gathered": (False, 12, True, True, True, True, True, False),
-    "all_directions_per_direction": (False, 20, True, True, True, False, True, False),
+    "similarity_logsumexp": (False, 20, (False, False, False, False, False, False), None),
+    "exclude_diagonal": (False, 20, (False, False, False, False, False, True), None),
+    "info_nce": (False, 20, (False, False, False, False, True, False), None),
+    "labels": (True, 20, (False, False, False, False, True, False), None),
+    "symmetric": (False, 20, (False, True, False, False, True, False), None),
+    "all_directions_joint_gathered": (False, 12, (True, True, True, True, True, False), None),
+    "all_directions_per_direction": (False, 20, (True, True, True, False, True, False), None),
+    "hardness_symmetric": (
+        False,
+        20,
+        (False, True, False, False, True, False),
+        lambda g: similarity.LossOptions(1, 5.0),
+    ),
+    "hardness_all_directions": (
+        False,
+        12,
+        (True, True, True, True, True, False),
+        lambda g: similarity.LossOptions(3, 9.0),
+    ),
+    "guided": (False, 20, (True, False, True, True, True, False), _gist_options),
 }
 
 
@@ -174,19 +196,21 @@ def test_loss_op_issues_no_host_synchronization(strategy, mode, budget, generato
     under the detector, below the dispatcher that hides it)."""
     if strategy != "torch" and "triton" not in cpu_backends():
         pytest.skip("needs the Triton interpreter")
-    has_labels, n_local, *flags = OP_MODES[mode]
+    has_labels, n_local, flags, make_options = OP_MODES[mode]
+    options = similarity.PLAIN if make_options is None else make_options(generator)
     queries = random_embeddings((20, 32), torch.float32, generator)
     docs = random_embeddings((40, 32), torch.float32, generator)
     scale = torch.full((), 20.0)
     labels = torch.randint(0, 40, (n_local,), generator=generator) if has_labels else None
     implementation = select._with_tile(strategy, 4)
+    extra = options.op_args(queries.shape[0])
     with HostSyncDetector():
         loss, stats, kept = op.contrastive_loss_op._init_fn(
-            queries, docs, scale, labels, n_local, *flags, implementation, budget
+            queries, docs, scale, labels, n_local, *flags, implementation, budget, *extra
         )
         grads = op.contrastive_loss_backward_op._init_fn(
             torch.ones_like(loss), queries, docs, scale, labels, stats, kept, n_local, *flags,
-            implementation, budget, True,
+            implementation, budget, *extra, True,
         )  # fmt: skip
     assert loss.isfinite().all() and all(grad.isfinite().all() for grad in grads)
 

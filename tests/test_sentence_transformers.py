@@ -147,10 +147,7 @@ def test_loss_stays_fp32_under_autocast(generator):
 
 @pytest.mark.parametrize(
     "options, reason",
-    [
-        ({"similarity_fct": __import__("sentence_transformers").util.dot_score}, "similarity_fct"),
-        ({"hardness_mode": "in_batch_negatives", "hardness_strength": 5.0}, "hardness_mode"),
-    ],
+    [({"similarity_fct": __import__("sentence_transformers").util.dot_score}, "similarity_fct")],
 )
 def test_unfusable_options_fall_back_with_one_warning(options, reason, generator):
     columns = random_columns(3, generator)

@@ -345,16 +345,70 @@ IMPLEMENTATIONS = ["torch", *(["fused:64x64", "gemm"] if "triton" in cpu_backend
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_contrastive_op_passes_opcheck(implementation, budget, generator):
     """Schema, fake kernel, autograd registration and AOT dispatch of the loss op, for a
-    sentence-transformers layout (all directions, joint) and for labels, each strategy."""
+    sentence-transformers layout (all directions, joint), labels, hardness weighting and a guide,
+    each strategy."""
     from simcse_fast import similarity
 
     queries = torch.randn(6, 16, generator=generator).requires_grad_()
     docs = torch.randn(12, 16, generator=generator).requires_grad_()
     scale = torch.tensor(20.0).requires_grad_()
     labels = torch.randint(0, 12, (6,), generator=generator)
+    plain = similarity.PLAIN.op_args(6)
+    hardness = similarity.LossOptions(hardness=1, hardness_strength=5.0).op_args(6)
+    guide = similarity.LossOptions(
+        doc_block=6, guide_queries=torch.randn(6, 4, generator=generator),
+        guide_docs=torch.randn(12, 4, generator=generator), margin=0.1,
+    ).op_args(6)  # fmt: skip
     for args in [
-        (queries, docs, scale, None, 4, True, True, True, True, True, False, implementation, budget),
-        (queries, docs, scale, labels, 6, False, False, False, False, True, False, implementation, budget),
-        (queries, docs, scale, None, 6, False, False, False, False, False, True, implementation, budget),
+        (queries, docs, scale, None, 4, True, True, True, True, True, False, implementation, budget, *plain),
+        (
+            queries,
+            docs,
+            scale,
+            labels,
+            6,
+            False,
+            False,
+            False,
+            False,
+            True,
+            False,
+            implementation,
+            budget,
+            *plain,
+        ),
+        (
+            queries,
+            docs,
+            scale,
+            None,
+            6,
+            False,
+            False,
+            False,
+            False,
+            False,
+            True,
+            implementation,
+            budget,
+            *plain,
+        ),
+        (
+            queries,
+            docs,
+            scale,
+            None,
+            6,
+            False,
+            True,
+            False,
+            False,
+            True,
+            False,
+            implementation,
+            budget,
+            *hardness,
+        ),
+        (queries, docs, scale, None, 6, True, False, True, True, True, False, implementation, budget, *guide),
     ]:
         torch.library.opcheck(similarity.contrastive_loss_op, args)

@@ -31,3 +31,15 @@ st_modules = _first_module(
 st_util = importlib.import_module("sentence_transformers.util")
 
 cos_sim = st_util.cos_sim
+
+
+def _embed_each_column(model, sentence_features) -> list:
+    """One forward per column (releases before ``embed_columns``)."""
+    return [model(features)["sentence_embedding"] for features in sentence_features]
+
+
+try:
+    # 6.0 and later embed homogeneous columns in one forward: the drop-ins embed as the release does.
+    from sentence_transformers.base.losses.merged_forward import embed_columns
+except ImportError:
+    embed_columns = _embed_each_column

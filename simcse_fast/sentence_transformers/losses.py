@@ -19,14 +19,20 @@ all of them), ``"per_direction"`` their mean, and the loss is
 sentence-transformers does, through ``simcse_fast.distributed.all_gather_with_grad``
 (deterministic: no float atomics in its backward).
 
-What the fused path cannot express exactly — a ``similarity_fct`` other than cosine, or a
-``hardness_mode`` with a positive strength — runs sentence-transformers' own computation, after
-one warning per loss object: never a silently different loss.
+``hardness_mode`` with ``hardness_strength`` (5.3 and later) weights query_to_doc's selected
+negatives by ``alpha stopgrad(cos)`` in the same fused op. ``GISTEmbedLoss`` and
+``CachedGISTEmbedLoss`` (guided in-batch negatives) compute the guide's mask inside the same op,
+from the guide's embeddings: neither the model's nor the guide's similarity matrix is built.
+
+What the fused path cannot express exactly — a ``similarity_fct`` other than cosine —
+runs sentence-transformers' own computation, after one warning per loss object: never a
+silently different loss.
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import warnings
 
 import torch
@@ -34,12 +40,15 @@ from torch import Tensor
 
 from .. import functional
 from ..distributed import all_gather_with_grad, get_rank
-from ._compat import cos_sim, st_losses
+from ._compat import cos_sim, embed_columns, st_losses
 
 __all__ = [
+    "CachedGISTEmbedLoss",
     "CachedMultipleNegativesRankingLoss",
+    "GISTEmbedLoss",
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
+    "fused_gist_loss",
     "fused_in_batch_negatives_loss",
 ]
 
@@ -57,12 +66,15 @@ def fused_in_batch_negatives_loss(
     directions=("query_to_doc",),
     partition_mode: str = "joint",
     gather_across_devices: bool = False,
+    hardness_mode: str | None = None,
+    hardness_strength: float = 0.0,
     backend: str | None = None,
 ) -> Tensor:
     """sentence-transformers' MultipleNegativesRankingLoss from embeddings ``[queries (B, D),
     positives (B, D), negatives_1 (B, D), ...]`` without the similarity matrix (module
-    docstring for the formula). All directions and both partition modes are one fused op, so
-    the gradient of each logit, the positive's included, is formed in fp32 before rounding."""
+    docstring for the formula). All directions, both partition modes and the hardness modes are
+    one fused op, so the gradient of each logit, the positive's included, is formed in fp32
+    before rounding."""
     if len(embeddings) < 2:
         raise ValueError(f"Expected at least 2 embeddings, got {len(embeddings)}")
     queries, docs = embeddings[0], list(embeddings[1:])
@@ -76,7 +88,8 @@ def fused_in_batch_negatives_loss(
     docs_all = torch.cat([_rotate_rows(doc, offset) for doc in docs])
     per_query = functional.in_batch_negatives_loss(
         queries, docs_all, n_local=batch_size, scale=scale, directions=tuple(directions),
-        partition_mode=partition_mode, backend=backend,
+        partition_mode=partition_mode, hardness_mode=hardness_mode, hardness_strength=hardness_strength,
+        backend=backend,
     )  # fmt: skip
     return per_query.mean()
 
@@ -87,8 +100,6 @@ def _unfusable_reason(loss) -> str | None:
         return (
             f"similarity_fct={getattr(similarity_fct, '__name__', similarity_fct)!r} is not cosine similarity"
         )
-    if getattr(loss, "hardness_mode", None) is not None and getattr(loss, "hardness_strength", 0.0) > 0.0:
-        return f"hardness_mode={loss.hardness_mode!r} weights the logits by stop-gradient similarities"
     return None
 
 
@@ -111,6 +122,9 @@ def _fused_options(loss, default_directions=("query_to_doc",), default_partition
         "directions": tuple(getattr(loss, "directions", default_directions)),
         "partition_mode": getattr(loss, "partition_mode", default_partition_mode),
         "gather_across_devices": bool(getattr(loss, "gather_across_devices", False)),
+        # 5.3 and later; the releases before have no hardness weighting.
+        "hardness_mode": getattr(loss, "hardness_mode", None),
+        "hardness_strength": float(getattr(loss, "hardness_strength", 0.0)),
     }
 
 
@@ -199,3 +213,117 @@ def _accepted(method, **arguments) -> dict:
     before, sentence-transformers never asks for the backward here."""
     parameters = inspect.signature(method).parameters
     return {name: value for name, value in arguments.items() if name in parameters}
+
+
+def fused_gist_loss(
+    embeddings: list[Tensor],
+    guide_embeddings: list[Tensor],
+    *,
+    temperature: float,
+    margin_strategy: str = "absolute",
+    margin: float = 0.0,
+    contrast_anchors: bool = True,
+    contrast_positives: bool = True,
+    gather_across_devices: bool = False,
+    backend: str | None = None,
+) -> Tensor:
+    """sentence-transformers' GISTEmbedLoss from the model's embeddings ``[anchors (B, D),
+    positives (B, D), negatives_1 (B, D), ...]`` and the guide's of the same texts, without either
+    similarity matrix (``simcse_fast.functional.guided_in_batch_negatives_loss``). With
+    ``gather_across_devices`` the documents (and the guide's) of every rank are gathered, the
+    anchors are not, as in sentence-transformers."""
+    if len(embeddings) < 2 or len(guide_embeddings) != len(embeddings):
+        raise ValueError(
+            f"Expected at least 2 embeddings and as many guide embeddings; got {len(embeddings)} and "
+            f"{len(guide_embeddings)}"
+        )
+    anchors, docs = embeddings[0], list(embeddings[1:])
+    guide_anchors, guide_docs = guide_embeddings[0], list(guide_embeddings[1:])
+    offset = 0
+    if gather_across_devices:
+        docs = [all_gather_with_grad(doc) for doc in docs]
+        guide_docs = [all_gather_with_grad(doc) for doc in guide_docs]
+        offset = get_rank() * anchors.shape[0]
+    per_anchor = functional.guided_in_batch_negatives_loss(
+        anchors, torch.cat([_rotate_rows(doc, offset) for doc in docs]), guide_anchors,
+        torch.cat([_rotate_rows(doc, offset) for doc in guide_docs]), n_positives=docs[0].shape[0],
+        scale=1.0 / temperature, margin_strategy=margin_strategy, margin=margin,
+        contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, backend=backend,
+    )  # fmt: skip
+    return per_anchor.mean()
+
+
+def _gist_options(loss) -> dict:
+    """The GIST loss object's options (releases before 4.0 have no margin and contrast options:
+    their defaults)."""
+    return {
+        "temperature": float(loss.temperature),
+        "margin_strategy": getattr(loss, "margin_strategy", "absolute"),
+        "margin": float(getattr(loss, "margin", 0.0)),
+        "contrast_anchors": bool(getattr(loss, "contrast_anchors", True)),
+        "contrast_positives": bool(getattr(loss, "contrast_positives", True)),
+        "gather_across_devices": bool(getattr(loss, "gather_across_devices", False)),
+    }
+
+
+def _float64(*tensors: Tensor) -> bool:
+    return any(tensor.dtype == torch.float64 for tensor in tensors)
+
+
+def _retokenized(loss, features: dict) -> dict:
+    """The guide's features of the texts behind ``features`` (guide and model tokenize
+    differently): decoded with the model's tokenizer and tokenized with the guide's, as
+    sentence-transformers does, flattened batches (``cu_seq_lens_q``) included."""
+    input_ids = features["input_ids"]
+    if "cu_seq_lens_q" in features:
+        flat, offsets = input_ids[0].tolist(), features["cu_seq_lens_q"].tolist()
+        input_ids = [flat[start:end] for start, end in itertools.pairwise(offsets)]
+    texts = loss.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+    tokenize = getattr(loss.guide, "preprocess", None) or loss.guide.tokenize  # tokenize before 5.0
+    return {
+        key: value.to(loss.guide.device) if isinstance(value, Tensor) else value
+        for key, value in tokenize(texts).items()
+    }
+
+
+class GISTEmbedLoss(st_losses.GISTEmbedLoss):
+    """sentence-transformers' ``GISTEmbedLoss`` (same constructor and loss): the guide's mask is
+    computed inside the fused op from the guide's embeddings, so neither the model's nor the
+    guide's similarity matrices are built. A float64 model runs sentence-transformers' own code
+    (after one warning)."""
+
+    def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
+        sentence_features = list(sentence_features)
+        if len(sentence_features) not in (2, 3):
+            raise ValueError(f"Expected 2 or 3 embeddings, got {len(sentence_features)}")
+        if _float64(next(self.model.parameters())):
+            _warn_fallback(self, "float64 embeddings")
+            return super().forward(sentence_features, labels)
+        # The guide reads copies: the model writes its outputs into the features it is given.
+        guide_features = [dict(features) for features in sentence_features]
+        embeddings = embed_columns(self.model, sentence_features)
+        with torch.no_grad():
+            if self.must_retokenize:
+                guide_features = [_retokenized(self, features) for features in sentence_features]
+            guide_embeddings = embed_columns(self.guide, guide_features)
+        return fused_gist_loss(embeddings, guide_embeddings, **_gist_options(self))
+
+
+class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
+    """sentence-transformers' ``CachedGISTEmbedLoss`` (GradCache), with the full-batch guided
+    loss fused: the loss stage needs O(B·D) memory instead of mini-batch x full-batch similarity
+    chunks of the model and of the guide."""
+
+    def calculate_loss(self, reps, reps_guided, *args, with_backward: bool = False, **kwargs) -> Tensor:
+        embeddings = [torch.cat(column) for column in reps]
+        if _float64(*embeddings):
+            _warn_fallback(self, "float64 embeddings")
+            return super().calculate_loss(reps, reps_guided, *args, with_backward=with_backward, **kwargs)
+        if len(reps) != len(reps_guided):
+            raise ValueError("reps and reps_guided must have the same length")
+        guide_embeddings = [torch.cat(column) for column in reps_guided]
+        loss = fused_gist_loss(embeddings, guide_embeddings, **_gist_options(self))
+        if with_backward:
+            loss.backward()
+            loss = loss.detach()
+        return loss

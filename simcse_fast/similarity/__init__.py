@@ -89,8 +89,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import CTAS_PER_SM, FUSED_CONFIGS, PASS_CONFIGS, TileConfig
-from .numerics import DIRECTIONS, NORM_EPS, inverse_norms, memory_budget
-from .op import contrastive_loss_backward_op, contrastive_loss_op
+from .numerics import DIRECTIONS, HARDNESS_MODES, NORM_EPS, inverse_norms, memory_budget
+from .op import PLAIN, LossOptions, contrastive_loss_backward_op, contrastive_loss_op
 from .select import (
     DEFAULT_STRATEGY,
     LOSS_STRATEGIES,
@@ -114,12 +114,15 @@ __all__ = [
     "DEFAULT_STRATEGY",
     "DIRECTIONS",
     "FUSED_CONFIGS",
+    "HARDNESS_MODES",
     "LOSS_BACKENDS",
     "LOSS_DTYPES",
     "LOSS_STRATEGIES",
     "NORM_EPS",
     "PASS_CONFIGS",
+    "PLAIN",
     "STRATEGY_ENV_VAR",
+    "LossOptions",
     "TileConfig",
     "choose_implementation",
     "contrastive_loss_backward_op",

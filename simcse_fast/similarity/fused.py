@@ -22,7 +22,28 @@ from .kernels import (
     weights_grid,
     weights_tile,
 )
-from .numerics import Block, Side, budget_rows, merge_partials
+from .numerics import NO_ADJUSTMENT, Adjustment, Block, Side, budget_rows, merge_partials
+
+
+def adjustment_arguments(adjusted: Adjustment, start: int, unused: Tensor, guide_dots: Tensor | None):
+    """``(pointers, integers, constexprs)`` of the kernels' hardness and guide arguments for rows
+    ``start..`` of a row softmax adjusted by ``adjusted`` (``_adjusted_row_logits``); an unused
+    pointer takes ``unused``. ``guide_dots``: the rows' fp32 guide dot products when precomputed."""
+    rows, cols = adjusted.guide_rows, adjusted.guide_cols
+    if not adjusted.guided:
+        pointers = (unused,) * 6
+        integers = (0, 0, 0, 0, adjusted.hardness_strength, adjusted.own_period)
+        precision = "ieee"
+    else:
+        pointers = (
+            rows.x[start:], cols.x, unused if guide_dots is None else guide_dots, rows.inv_norm[start:],
+            cols.inv_norm, adjusted.threshold[start:],
+        )  # fmt: skip
+        guide_stride = 0 if guide_dots is None else guide_dots.stride(0)
+        integers = (rows.x.shape[1], rows.x.stride(0), cols.x.stride(0), guide_stride, 0.0, 1)
+        precision = dot_precision(rows.x.dtype)
+    constexprs = {"HARDNESS": adjusted.hardness, "GUIDED": adjusted.guided, "GUIDE_PRECISION": precision}
+    return pointers, integers, constexprs
 
 
 class ForwardPartials:
@@ -35,22 +56,27 @@ class ForwardPartials:
         self.config = config
         self.partials = torch.empty((3, splits, n_rows), dtype=torch.float32, device=device)
 
-    def launch(self, rows: Side, start, stop, cols: Side, n_cols, period, positive, scale, dots=None):
-        """Partials of ``rows.x[start:stop]`` against ``cols.x[:n_cols]``; ``dots``: their
-        ``(stop - start, n_cols)`` fp32 dot products when precomputed (strategy ``"gemm"``)."""
+    def launch(
+        self, rows: Side, start, stop, cols: Side, n_cols, period, positive, scale, adjusted: Adjustment,
+        dots=None, guide_dots=None,
+    ):  # fmt: skip
+        """Partials of ``rows.x[start:stop]`` against ``cols.x[:n_cols]``, the row softmax adjusted by
+        ``adjusted``; ``dots`` (and ``guide_dots`` for a guided softmax): their ``(stop - start,
+        n_cols)`` fp32 dot products when precomputed (strategy ``"gemm"``)."""
         mode, labels = positive
         config, partials = self.config, self.partials
         unused = rows.inv_norm  # an unused pointer argument takes any tensor
+        pointers, integers, constexprs = adjustment_arguments(adjusted, start, unused, guide_dots)
         grid = (ceil_div(stop - start, config.block_rows), partials.shape[1])
         with launch_device(rows.x.device):
             _lse_partial_kernel[grid](
                 rows.x[start:], cols.x, unused if dots is None else dots, rows.inv_norm[start:],
                 cols.inv_norm, scale, unused if labels is None else labels[start:],
-                partials[0, :, start:], partials[1, :, start:], partials[2, :, start:],
+                partials[0, :, start:], partials[1, :, start:], partials[2, :, start:], *pointers,
                 stop - start, n_cols, self.keys_per_split, rows.x.shape[1], rows.x.stride(0),
                 cols.x.stride(0), 0 if dots is None else dots.stride(0), start, partials.stride(1),
-                max(period, 1),
-                EXCLUDE=exclusion(period, n_cols), POSITIVE=mode, PRECOMPUTED=dots is not None,
+                max(period, 1), *integers,
+                EXCLUDE=exclusion(period, n_cols), POSITIVE=mode, PRECOMPUTED=dots is not None, **constexprs,
                 BLOCK_N=config.block_rows, BLOCK_M=config.block_cols, BLOCK_D=config.block_d,
                 DOT_PRECISION=dot_precision(rows.x.dtype), num_warps=config.num_warps,
                 num_stages=config.num_stages,
@@ -63,11 +89,12 @@ class ForwardPartials:
 
 
 def launch_weights(
-    block: Block, start: int, stop: int, scale: Tensor, out: Tensor, scale_grad: bool, config, dots=None
+    block: Block, start: int, stop: int, scale: Tensor, out: Tensor, scale_grad: bool, config, dots=None,
+    guide_dots=None,
 ):  # fmt: skip
     """``W`` of the block's rows ``start:stop`` into ``out`` (viewed as ``(rows, n_cols)``) by the
-    weights kernel with tile ``config``; ``dots``: the chunk's fp32 dot products when they are
-    precomputed. Returns ``(W, sum W cos or None)``."""
+    weights kernel with tile ``config``; ``dots`` (and ``guide_dots`` for a guided block): the
+    chunk's fp32 dot products when they are precomputed. Returns ``(W, sum W cos or None)``."""
     n_rows = stop - start
     weights = out[: n_rows * block.n_cols].view(n_rows, block.n_cols)
     x = block.rows.x[block.row_start + start :]
@@ -79,6 +106,9 @@ def launch_weights(
     config = weights_tile(config, block.row_lse is not None and block.col_lse is not None)
     grid = weights_grid(n_rows, block.n_cols, config)
     w_cos = torch.empty(grid[0] if scale_grad else 0, dtype=torch.float32, device=x.device)
+    pointers, integers, constexprs = adjustment_arguments(
+        block.adjustment, block.row_start + start, inv_x, guide_dots
+    )
     with launch_device(x.device):
         _gradient_weights_kernel[grid](
             x, block.cols.x, inv_x if dots is None else dots, inv_x, block.cols.inv_norm, scale,
@@ -86,12 +116,12 @@ def launch_weights(
             inv_x if block.col_lse is None else block.col_lse,
             inv_x if block.col_weight is None else block.col_weight,
             rows_of(block.positive_value), rows_of(block.labels), weights, w_cos if scale_grad else inv_x,
-            n_rows, block.n_cols, block.n_col_terms, x.shape[1], x.stride(0), block.cols.x.stride(0),
-            0 if dots is None else dots.stride(0), weights.stride(0), block.row_start + start,
-            max(block.exclude_period, 1),
+            *pointers, n_rows, block.n_cols, block.n_col_terms, x.shape[1], x.stride(0),
+            block.cols.x.stride(0), 0 if dots is None else dots.stride(0), weights.stride(0),
+            block.row_start + start, max(block.exclude_period, 1), *integers,
             ROW_TERMS=block.row_lse is not None, COL_TERMS=block.col_lse is not None,
             POSITIVE=block.positive_mode, EXCLUDE=exclusion(block.exclude_period, block.n_cols),
-            SCALE_GRAD=scale_grad,
+            SCALE_GRAD=scale_grad, **constexprs,
             PRECOMPUTED=dots is not None, BLOCK_R=config.block_rows, BLOCK_C=config.block_cols,
             BLOCK_D=config.block_d, GROUP_R=config.group_rows, DOT_PRECISION=dot_precision(x.dtype),
             num_warps=config.num_warps, num_stages=config.num_stages,
@@ -100,12 +130,14 @@ def launch_weights(
     return weights, (w_cos.sum(dtype=torch.float64).float() if scale_grad else None)
 
 
-def row_lse(rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None):
+def row_lse(
+    rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None,
+    adjusted: Adjustment = NO_ADJUSTMENT,
+):  # fmt: skip
     """The forward of one direction: one launch over all rows, the keys split into ranges."""
-    partials = ForwardPartials(
-        n_rows, n_rows, n_cols, fused_config(rows.x.element_size(), config), rows.x.device
-    )
-    partials.launch(rows, 0, n_rows, cols, n_cols, period, positive, scale)
+    tile = fused_config(rows.x.element_size(), config)
+    partials = ForwardPartials(n_rows, n_rows, n_cols, tile, rows.x.device)
+    partials.launch(rows, 0, n_rows, cols, n_cols, period, positive, scale, adjusted)
     return partials.merge(bool(positive[0]))
 
 

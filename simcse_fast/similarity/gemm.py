@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .fused import ForwardPartials, launch_weights
 from .kernels import PASS_CONFIGS
-from .numerics import Block, Side, budget_rows
+from .numerics import NO_ADJUSTMENT, Adjustment, Block, Side, budget_rows
 
 MIN_GEMM_ROWS = 256
 """Fewer rows than this make a skinny GEMM that cuBLAS runs well below its rate."""
@@ -44,37 +44,57 @@ def dot_chunk_rows(n_rows: int, n_cols: int, budget: int, device: torch.device) 
     return min(rows, budget_rows(budget, 4 * n_cols, n_rows))
 
 
-def row_lse(rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None):
-    """The forward of one direction: per chunk, cuBLAS's dot products then the pass; with
-    ``kept`` (a flat fp32 buffer of ``n_rows x n_cols``), all at once into it, for the backward."""
+def row_lse(
+    rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None,
+    adjusted: Adjustment = NO_ADJUSTMENT,
+):  # fmt: skip
+    """The forward of one direction: per chunk, cuBLAS's dot products (and the guide's, for a
+    guided softmax) then the pass; with ``kept`` (a flat fp32 buffer of ``n_rows x n_cols``),
+    all at once into it, for the backward."""
     device = rows.x.device
+    guided = adjusted.guided > 0
     if kept is not None:
         step, buffer = n_rows, kept
     else:
-        step = dot_chunk_rows(n_rows, n_cols, budget, device)
+        step = dot_chunk_rows(n_rows, n_cols, budget // (2 if guided else 1), device)
         buffer = torch.empty(step * n_cols, dtype=torch.float32, device=device)
+    guide_buffer = torch.empty(step * n_cols if guided else 0, dtype=torch.float32, device=device)
     partials = ForwardPartials(n_rows, step, n_cols, PASS_CONFIGS["forward"], device)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         out = buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
         dots = rows.dots(slice(start, stop), cols, n_cols, out=out)
-        partials.launch(rows, start, stop, cols, n_cols, period, positive, scale, dots=dots)
+        guide_dots = _guide_dots(adjusted, start, stop, n_cols, guide_buffer)
+        partials.launch(rows, start, stop, cols, n_cols, period, positive, scale, adjusted, dots, guide_dots)
     return partials.merge(bool(positive[0]))
+
+
+def _guide_dots(adjusted: Adjustment, start: int, stop: int, n_cols: int, buffer: Tensor) -> Tensor | None:
+    """The guide's fp32 dot products of rows ``start:stop`` for a guided softmax, else None."""
+    if not adjusted.guided:
+        return None
+    out = buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
+    return adjusted.guide_rows.dots(slice(start, stop), adjusted.guide_cols, n_cols, out=out)
 
 
 def weight_chunks(block: Block, scale: Tensor, budget: int, scale_grad: bool, config=None):
     """Yields ``(start, stop, W, sum W cos or None)`` over budget-sized chunks of ``W``, each
-    filled by L2-sized sub-chunks of dot products (or from the forward's kept ones)."""
+    filled by L2-sized sub-chunks of dot products (or from the forward's kept ones; the guide's
+    are recomputed)."""
     n_rows, n_cols, device = block.n_rows, block.n_cols, block.rows.x.device
     element = block.rows.x.element_size()
     pass_config = PASS_CONFIGS["weights"]
+    guided = block.adjustment.guided > 0
+    dot_buffers = 2 if guided else 1
     if block.kept is not None:
         sub, dots_buffer = None, None
-        step = budget_rows(budget, n_cols * element, n_rows)
+        step = budget_rows(budget, n_cols * (element + 4 * (dot_buffers - 1)), n_rows)
+        guide_buffer = torch.empty(step * n_cols if guided else 0, dtype=torch.float32, device=device)
     else:
-        sub = dot_chunk_rows(n_rows, n_cols, budget // 2, device)
+        sub = dot_chunk_rows(n_rows, n_cols, budget // (2 * dot_buffers), device)
         dots_buffer = torch.empty(sub * n_cols, dtype=torch.float32, device=device)
-        step = max(sub, budget_rows(budget - 4 * sub * n_cols, n_cols * element, n_rows))
+        guide_buffer = torch.empty(sub * n_cols if guided else 0, dtype=torch.float32, device=device)
+        step = max(sub, budget_rows(budget - 4 * dot_buffers * sub * n_cols, n_cols * element, n_rows))
     w_buffer = block.rows.x.new_empty(step * n_cols)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
@@ -88,8 +108,13 @@ def weight_chunks(block: Block, scale: Tensor, budget: int, scale_grad: bool, co
                 rows = slice(block.row_start + first, block.row_start + last)
                 into = dots_buffer[: (last - first) * n_cols].view(last - first, n_cols)
                 dots = block.rows.dots(rows, block.cols, n_cols, out=into)
+            guide_dots = _guide_dots(
+                block.adjustment, block.row_start + first, block.row_start + last, n_cols, guide_buffer
+            )
             out = w_buffer[(first - start) * n_cols :]
-            _, w_cos = launch_weights(block, first, last, scale, out, scale_grad, pass_config, dots=dots)
+            _, w_cos = launch_weights(
+                block, first, last, scale, out, scale_grad, pass_config, dots, guide_dots
+            )
             parts.append(w_cos)
         weights = w_buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
         yield start, stop, weights, (torch.stack(parts).sum() if scale_grad else None)

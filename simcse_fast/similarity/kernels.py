@@ -72,13 +72,59 @@ def _tile_dots(
 
 
 @triton.jit
+def _adjusted_row_logits(
+    logits, cos, r, global_rows, c, r_in, c_in, positive_cols,
+    gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+    guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
+    HARDNESS: tl.constexpr, GUIDED: tl.constexpr, PRECOMPUTED: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The logits ``s cos_rc`` of a row softmax after sentence-transformers' hardness weighting and
+    GIST's guided mask (the column softmaxes use the plain logits).
+
+    ``HARDNESS`` (query_to_doc only): selected negatives get ``+ alpha cos_rc``, a stop-gradient
+    term (the backward's factor stays ``s``): 1 the documents of other queries (``c mod
+    own_period != row``), 2 the row's own hard negatives (``c >= own_period``, ``c mod own_period
+    == row``), 3 every document but the positive (``c != row``).
+
+    ``GUIDED``: the guide model's cosine ``gcos_rc`` (from the guide embeddings ``gx``, ``gy``, or
+    the precomputed fp32 ``guide_dots``) above the row's ``threshold`` removes the term (``-inf``):
+    1 with the row's positive kept (query_to_doc), 2 without (anchor-anchor, positive-positive).
+    """
+    if HARDNESS:
+        if HARDNESS == 1:
+            selected = (c % own_period)[None, :] != global_rows[:, None]
+        elif HARDNESS == 2:
+            selected = ((c % own_period)[None, :] == global_rows[:, None]) & (c >= own_period)[None, :]
+        else:
+            selected = c[None, :] != global_rows[:, None]
+        logits = logits + tl.where(selected, hardness_strength * cos, 0.0)
+    if GUIDED:
+        guide_dots = _tile_dots(
+            gx_ptr, gy_ptr, guide_dots_ptr, r, c, r_in, c_in, guide_dim, stride_gx, stride_gy,
+            stride_guide_dots, PRECOMPUTED, BLOCK_R, BLOCK_C, BLOCK_D, GUIDE_PRECISION,
+        )  # fmt: skip
+        g_inv_x = tl.load(g_inv_x_ptr + r, mask=r_in, other=0.0)
+        g_inv_y = tl.load(g_inv_y_ptr + c, mask=c_in, other=0.0)
+        guide_cos = g_inv_x[:, None] * guide_dots * g_inv_y[None, :]
+        threshold = tl.load(threshold_ptr + r, mask=r_in, other=0.0)
+        masked = guide_cos > threshold[:, None]
+        if GUIDED == 1:
+            masked = masked & (c[None, :] != positive_cols[:, None])
+        logits = tl.where(masked, float("-inf"), logits)
+    return logits
+
+
+@triton.jit
 def _lse_partial_kernel(
     q_ptr, k_ptr, dots_ptr, inv_norm_q_ptr, inv_norm_k_ptr, scale_ptr, labels_ptr,
     partial_shift_ptr, partial_sum_ptr, partial_negative_sum_ptr,
+    gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
     n_queries, n_keys, keys_per_split, dim, stride_q, stride_k, stride_dots, first_row, partial_stride,
-    exclude_period,
-    EXCLUDE: tl.constexpr, POSITIVE: tl.constexpr, PRECOMPUTED: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    exclude_period, guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
+    EXCLUDE: tl.constexpr, POSITIVE: tl.constexpr, PRECOMPUTED: tl.constexpr, HARDNESS: tl.constexpr,
+    GUIDED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """Partial log-sum-exp of ``BLOCK_N`` query rows over the key range of split
     ``program_id(1)``: ``shift[r]`` and ``sum[r] = sum_j exp(s cos_rj - shift[r])``, so that
@@ -90,7 +136,8 @@ def _lse_partial_kernel(
     Triton 3.9 fits one CTA of the 128 x 64 tile per SM instead of two). With a positive per row
     (``POSITIVE`` 1: key ``first_row + r``; 2: key ``labels[r]``) the same sum without it is kept
     too: ``1 - P_positive`` is then a ratio of two sums of positive terms, free of the
-    cancellation of ``1 - exp(x)``.
+    cancellation of ``1 - exp(x)``. ``HARDNESS`` and ``GUIDED`` adjust the logits as
+    ``_adjusted_row_logits`` says.
 
     The logits are formed by the very expression of ``_gradient_weights_kernel``, so that the
     backward's ``exp(logit - lse)`` sums to 1 over a row up to the rounding of the sum, not of
@@ -125,7 +172,13 @@ def _lse_partial_kernel(
             PRECOMPUTED, BLOCK_N, BLOCK_M, BLOCK_D, DOT_PRECISION,
         )  # fmt: skip
         inv_norm_k = tl.load(inv_norm_k_ptr + cols, mask=col_in, other=0.0)
-        logits = scale * (inv_norm_q[:, None] * dots * inv_norm_k[None, :])
+        cos = inv_norm_q[:, None] * dots * inv_norm_k[None, :]
+        logits = _adjusted_row_logits(
+            scale * cos, cos, rows, global_rows, cols, row_in, col_in, positive_cols,
+            gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+            guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
+            HARDNESS, GUIDED, PRECOMPUTED, BLOCK_N, BLOCK_M, BLOCK_D, GUIDE_PRECISION,
+        )  # fmt: skip
         logits = tl.where(col_in[None, :], logits, float("-inf"))
         if EXCLUDE == 1:
             logits = tl.where(cols[None, :] == global_rows[:, None], float("-inf"), logits)
@@ -159,11 +212,13 @@ def _lse_partial_kernel(
 def _gradient_weights_kernel(
     x_ptr, y_ptr, dots_ptr, inv_norm_x_ptr, inv_norm_y_ptr, scale_ptr,
     row_lse_ptr, row_weight_ptr, col_lse_ptr, col_weight_ptr, positive_value_ptr, labels_ptr, w_ptr,
-    w_cos_ptr, n_rows, n_cols, n_col_terms, dim, stride_x, stride_y, stride_dots, stride_w, first_row,
-    exclude_period,
+    w_cos_ptr, gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+    n_rows, n_cols, n_col_terms, dim, stride_x, stride_y, stride_dots, stride_w, first_row,
+    exclude_period, guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
     ROW_TERMS: tl.constexpr, COL_TERMS: tl.constexpr, POSITIVE: tl.constexpr, EXCLUDE: tl.constexpr,
-    SCALE_GRAD: tl.constexpr, PRECOMPUTED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, GROUP_R: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SCALE_GRAD: tl.constexpr, PRECOMPUTED: tl.constexpr, HARDNESS: tl.constexpr, GUIDED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_R: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
 ):  # fmt: skip
     """One ``(BLOCK_R, BLOCK_C)`` tile of the logit-gradient weights ``W`` (the package docstring)
     of rows ``x[0 : n_rows]`` (row ``first_row + r`` of the loss) against ``y[0 : n_cols]``, formed
@@ -174,7 +229,8 @@ def _gradient_weights_kernel(
     except at a row's positive (``POSITIVE`` 1: ``c == first_row + r``; 2: ``c == labels[r]``),
     which takes the row's precomputed fp32 ``positive_value``, and at the columns left out
     (``EXCLUDE``: ``c mod exclude_period == first_row + r``, 1 and 2 as in ``_lse_partial_kernel``),
-    which are 0. Row arrays are indexed
+    which are 0. The row terms' logits are adjusted by ``HARDNESS`` and ``GUIDED``
+    (``_adjusted_row_logits``), the column terms' are not. Row arrays are indexed
     by ``r``, column arrays by ``c``. ``SCALE_GRAD``: the tile's ``sum W_rc cos_rc`` in fp32, before
     ``W`` is rounded, goes to ``w_cos[program]`` (``d scale`` without the rounding of ``W``).
 
@@ -203,21 +259,27 @@ def _gradient_weights_kernel(
     cos = inv_norm_x[:, None] * dots * inv_norm_y[None, :]
     logits = tl.load(scale_ptr).to(tl.float32) * cos
     weights = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    global_rows = first_row + r
+    if POSITIVE == 2:
+        positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1).to(tl.int32)
+    else:
+        positive_cols = global_rows
     if ROW_TERMS:
+        row_logits = _adjusted_row_logits(
+            logits, cos, r, global_rows, c, r_in, c_in, positive_cols,
+            gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+            guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
+            HARDNESS, GUIDED, PRECOMPUTED, BLOCK_R, BLOCK_C, BLOCK_D, GUIDE_PRECISION,
+        )  # fmt: skip
         row_lse = tl.load(row_lse_ptr + r, mask=r_in, other=0.0)
         row_weight = tl.load(row_weight_ptr + r, mask=r_in, other=0.0)
-        weights += row_weight[:, None] * tl.exp(logits - row_lse[:, None])
+        weights += row_weight[:, None] * tl.exp(row_logits - row_lse[:, None])
     if COL_TERMS:
         c_terms = c < n_col_terms
         col_lse = tl.load(col_lse_ptr + c, mask=c_terms, other=0.0)
         col_weight = tl.load(col_weight_ptr + c, mask=c_terms, other=0.0)
         weights += tl.where(c_terms[None, :], col_weight[None, :] * tl.exp(logits - col_lse[None, :]), 0.0)
-    global_rows = first_row + r
     if POSITIVE:
-        if POSITIVE == 2:
-            positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1).to(tl.int32)
-        else:
-            positive_cols = global_rows
         positive_value = tl.load(positive_value_ptr + r, mask=r_in, other=0.0)
         weights = tl.where(c[None, :] == positive_cols[:, None], positive_value[:, None], weights)
     if EXCLUDE == 1:
@@ -291,9 +353,11 @@ CTAS_PER_SM = {
     # (kernel, tile) -> the fewest CTAs of the bf16 kernel, over the flags the launchers use with
     # that tile, that fit one sm_90 SM (64K registers, 228 KB of shared memory less 1 KB per CTA,
     # 2048 threads), as the ahead-of-time compile test recomputes them (Triton 3.9; one CTA of
-    # difference is tolerated across releases).
-    ("forward", "128x64"): 2,
-    ("weights", "128x64"): 2,
+    # difference is tolerated across releases). The 128 x 64 tile fits two for every plain loss
+    # (the test checks it); hardness weighting, the guide's tile and doc_to_doc's remainder take
+    # one.
+    ("forward", "128x64"): 1,
+    ("weights", "128x64"): 1,
     ("weights", "128x64/cols"): 2,
     ("forward", "128x64-s4"): 1,
     ("weights", "128x64-s4"): 2,

@@ -137,44 +137,126 @@ def positive_columns(mode: int, labels: Tensor | None, start: int, stop: int, fi
 
 @dataclass(frozen=True)
 class Direction:
+    """One direction's row softmax: which side its rows and columns come from, whether columns are
+    left out structurally (``exclude``), whether it holds the positive, whether the loss's
+    hardness weighting applies to it and its ``GUIDED`` kind (``_adjusted_row_logits``)."""
+
     name: str
     rows_are_queries: bool
     cols_are_queries: bool
     exclude: bool
     has_positive: bool
+    hardness: bool = False
+    guided: int = 0
 
 
-def directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive) -> list[Direction]:
+def directions(
+    query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive, hardness=False, guided=False
+) -> list[Direction]:
     """query_to_doc first; the positive pair (q_i, d_i) is a term of query_to_doc and of
-    doc_to_query."""
-    chosen = [Direction("query_to_doc", True, False, exclude_diagonal, with_positive)]
+    doc_to_query. Hardness weighting applies to query_to_doc (sentence-transformers' rule). A
+    guided loss (GIST) masks query_to_doc keeping the positive, and its query_to_query
+    (anchor-anchor) and doc_to_doc (positive-positive) blocks are masked by the guide only, with
+    no structural exclusion."""
+    chosen = [
+        Direction("query_to_doc", True, False, exclude_diagonal, with_positive, hardness, 1 if guided else 0)
+    ]
     if query_to_query:
-        chosen.append(Direction("query_to_query", True, True, True, False))
+        chosen.append(Direction("query_to_query", True, True, not guided, False, guided=2 if guided else 0))
     if doc_to_query:
         chosen.append(Direction("doc_to_query", False, True, False, with_positive))
     if doc_to_doc:
-        chosen.append(Direction("doc_to_doc", False, False, True, False))
+        chosen.append(Direction("doc_to_doc", False, False, not guided, False, guided=2 if guided else 0))
     return chosen
 
 
-def direction_geometry(direction: Direction, n_queries: int, n_docs: int) -> tuple[int, int]:
+def direction_geometry(direction: Direction, n_queries: int, n_docs: int, doc_block: int) -> tuple[int, int]:
     """``(n_cols, exclude_period)``: query_to_query excludes ``k == i``, doc_to_doc every column
     ``j`` with ``j mod Nq == i`` (the positive's own position in each document column), and
-    query_to_doc with ``exclude_diagonal`` ``j == i`` (period Nd >= Nq)."""
-    n_cols = n_queries if direction.cols_are_queries else n_docs
+    query_to_doc with ``exclude_diagonal`` ``j == i`` (period Nd >= Nq). A guided doc_to_doc
+    (GIST's positive-positive block) spans the first ``doc_block`` documents, the positives."""
+    if direction.name == "doc_to_doc" and direction.guided:
+        n_cols = doc_block
+    else:
+        n_cols = n_queries if direction.cols_are_queries else n_docs
     if not direction.exclude:
         return n_cols, 0
     return n_cols, (n_docs if direction.name == "query_to_doc" else n_queries)
 
 
-def positive_cosines(q: Side, d: Side, n_local: int, labels: Tensor | None) -> Tensor:
-    """``cos(q_i, d_{label_i})`` in fp32 from the raw rows, as the kernels form cosines."""
+HARDNESS_MODES = {"in_batch_negatives": 1, "hard_negatives": 2, "all_negatives": 3}
+"""sentence-transformers' ``hardness_mode`` -> the kernels' ``HARDNESS``."""
+
+
+@dataclass(frozen=True)
+class Adjustment:
+    """How a row softmax adjusts its logits (``_adjusted_row_logits``): the hardness weighting
+    (mode, strength, the period of a query's own documents) and the guided mask (its kind, the
+    guide's rows and columns, the rows' thresholds)."""
+
+    hardness: int = 0
+    hardness_strength: float = 0.0
+    own_period: int = 1
+    guided: int = 0
+    guide_rows: Side | None = None
+    guide_cols: Side | None = None
+    threshold: Tensor | None = None
+
+
+NO_ADJUSTMENT = Adjustment()
+
+
+def pair_cosines(x: Side, y: Side, n: int, labels: Tensor | None = None) -> Tensor:
+    """``cos(x_i, y_{label_i})`` for ``i < n`` in fp32 from the raw rows (labels default to
+    ``i``). One formula for every pair: identical vectors give identical values."""
     if labels is None:
-        positives, inv_positives = d.x[:n_local], d.inv_norm[:n_local]
+        others, inv_others = y.x[:n], y.inv_norm[:n]
     else:
-        positives, inv_positives = d.x.index_select(0, labels), d.inv_norm.index_select(0, labels)
-    dots = (q.x[:n_local].float() * positives.float()).sum(dim=1)
-    return dots * q.inv_norm[:n_local] * inv_positives
+        others, inv_others = y.x.index_select(0, labels), y.inv_norm.index_select(0, labels)
+    dots = (x.x[:n].float() * others.float()).sum(dim=1)
+    return dots * x.inv_norm[:n] * inv_others
+
+
+GUIDE_TIE = 2.0**-17
+"""Guide cosines within this of a row's threshold count as equal to it (not above: kept). Each
+pair's guide cosine is accumulated in another order than sentence-transformers' and than the
+threshold's, so identical texts, whose cosines tie exactly in sentence-transformers (an anchor and
+its positive in SimCSE pairs, a document that is one anchor's positive and another's negative),
+differ here by a few fp32 ulps; a genuine cosine that close to the threshold is decided by
+rounding in sentence-transformers too."""
+
+
+@dataclass(frozen=True)
+class Guide:
+    """GIST's guide: its query and document embeddings and each row's threshold: the guide's
+    cosine of the row's positive pair less the margin (absolute, or times its magnitude), plus
+    ``GUIDE_TIE``."""
+
+    queries: Side
+    docs: Side
+    threshold: Tensor
+
+    @classmethod
+    def build(
+        cls, guide_queries: Tensor, guide_docs: Tensor, n_local: int, margin: float, relative: bool
+    ) -> Guide:
+        queries, docs = Side(guide_queries), Side(guide_docs)
+        positive = pair_cosines(queries, docs, n_local)
+        threshold = positive - positive.abs() * margin if relative else positive - margin
+        return cls(queries, docs, threshold + GUIDE_TIE)
+
+
+def adjustment(direction: Direction, hardness: int, strength: float, doc_block: int, guide: Guide | None):
+    """The adjustment of ``direction``'s row softmax."""
+    if direction.guided:
+        side = guide.queries if direction.rows_are_queries else guide.docs
+        cols = guide.docs if direction.name == "query_to_doc" else side
+        return Adjustment(
+            guided=direction.guided, guide_rows=side, guide_cols=cols, threshold=guide.threshold
+        )
+    if direction.hardness and hardness:
+        return Adjustment(hardness=hardness, hardness_strength=strength, own_period=doc_block)
+    return NO_ADJUSTMENT
 
 
 def split_stats(stats: Tensor, chosen) -> tuple[Tensor, Tensor]:
@@ -250,7 +332,8 @@ class Block:
     terms of ``W`` they carry (see ``_gradient_weights_kernel``): row terms (lse, weight) indexed
     by block row, column terms for the first ``n_col_terms`` columns, each row's positive value
     (at column ``labels[r]``, or the row's global index), columns left out (``exclude_period``),
-    and the forward's kept matrix of these logits, if any (the strategy knows what it holds)."""
+    the forward's kept matrix of these logits, if any (the strategy knows what it holds), and the
+    adjustment of the row terms' logits."""
 
     rows: Side
     row_start: int
@@ -265,6 +348,7 @@ class Block:
     labels: Tensor | None = None
     exclude_period: int = 0
     kept: Tensor | None = None
+    adjustment: Adjustment = NO_ADJUSTMENT
 
     @property
     def n_col_terms(self) -> int:
@@ -277,37 +361,41 @@ class Block:
         return 1 if self.labels is None else 2
 
 
-def kept_views(cache: Tensor, n_local: int, n_queries: int, n_docs: int, chosen) -> dict[str, Tensor]:
+def kept_views(cache: Tensor, n_local: int, n_queries: int, n_docs: int, doc_block: int, chosen) -> dict:
     """Each direction's ``(n_local, n_cols)`` slice of the matrix the forward kept (empty dict
     when it kept none)."""
     views, offset = {}, 0
     for direction in chosen:
-        n_cols, _ = direction_geometry(direction, n_queries, n_docs)
+        n_cols, _ = direction_geometry(direction, n_queries, n_docs, doc_block)
         if cache.numel():
             views[direction.name] = cache[offset : offset + n_local * n_cols].view(n_local, n_cols)
         offset += n_local * n_cols
     return views
 
 
-def blocks(q, d, n_local, chosen, lse, complement_, cache, scaled_grad, labels, joint) -> list[Block]:
+def blocks(
+    q, d, n_local, chosen, lse, complement_, cache, scaled_grad, labels, joint, doc_block, adjustments
+) -> list[Block]:  # fmt: skip
     """The blocks of ``W``. doc_to_query's softmax over queries ``k`` for document ``i`` sits in
     column ``i`` of the query_to_doc rectangle (rows ``k < n``) and of the rectangle of gathered
-    queries ``k >= n`` against ``d[:n]``: each positive's whole weight is formed in one place."""
+    queries ``k >= n`` against ``d[:n]``: each positive's whole weight is formed in one place.
+    ``adjustments``: each direction's row-softmax adjustment, by name."""
     if joint:
         log_z = torch.logsumexp(lse, dim=0)
         terms = {direction.name: (log_z, scaled_grad) for direction in chosen}
     else:
         per_direction = scaled_grad / len(chosen)
         terms = {direction.name: (lse[k], per_direction) for k, direction in enumerate(chosen)}
-    kept = kept_views(cache, n_local, q.rows, d.rows, chosen)
+    kept = kept_views(cache, n_local, q.rows, d.rows, doc_block, chosen)
     row_lse, row_weight = terms["query_to_doc"]
-    n_cols, period = direction_geometry(chosen[0], q.rows, d.rows)
+    n_cols, period = direction_geometry(chosen[0], q.rows, d.rows, doc_block)
     positive_value = None
     if chosen[0].has_positive:
         positive_value = positive_values(complement_, chosen, scaled_grad, joint)
     main = Block(
         q, 0, n_local, d, n_cols, row_lse, row_weight, exclude_period=period,
         positive_value=positive_value, labels=labels, kept=kept.get("query_to_doc"),
+        adjustment=adjustments["query_to_doc"],
     )  # fmt: skip
     result = [main]
     if "doc_to_query" in terms:
@@ -325,22 +413,26 @@ def blocks(q, d, n_local, chosen, lse, complement_, cache, scaled_grad, labels, 
                 kept=None if transposed is None else transposed[:, n_local:].T,
             )
         )
-    for name, rows, cols in (("query_to_query", q, q), ("doc_to_doc", d, d)):
-        if name in terms:
-            block_lse, block_weight = terms[name]
-            result.append(
-                Block(
-                    rows,
-                    0,
-                    n_local,
-                    cols,
-                    cols.rows,
-                    block_lse,
-                    block_weight,
-                    exclude_period=q.rows,
-                    kept=kept.get(name),
-                )
+    for direction in chosen[1:]:
+        if direction.name == "doc_to_query":
+            continue
+        rows = cols = q if direction.rows_are_queries else d
+        block_lse, block_weight = terms[direction.name]
+        n_cols, period = direction_geometry(direction, q.rows, d.rows, doc_block)
+        result.append(
+            Block(
+                rows,
+                0,
+                n_local,
+                cols,
+                n_cols,
+                block_lse,
+                block_weight,
+                exclude_period=period,
+                kept=kept.get(direction.name),
+                adjustment=adjustments[direction.name],
             )
+        )
     return result
 
 

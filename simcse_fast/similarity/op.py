@@ -6,6 +6,7 @@ copies host data to the device: a step that calls them can be captured in a CUDA
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -14,14 +15,16 @@ from torch import Tensor
 from . import fused, gemm, torch_path
 from .numerics import (
     Block,
+    Guide,
     Side,
     accumulate_product,
+    adjustment,
     blocks,
     complement,
     direction_geometry,
     directions,
     negatives_lse,
-    positive_cosines,
+    pair_cosines,
     positive_slots,
     split_stats,
     weight_scale,
@@ -42,22 +45,68 @@ def parse_implementation(implementation: str):
     return STRATEGY_MODULES[strategy], (tile or None)
 
 
-def kept_elements(n_local, n_queries, n_docs, chosen, implementation, budget) -> int:
+def kept_elements(n_local, n_queries, n_docs, doc_block, chosen, implementation, budget) -> int:
     """Size of the matrix the forward keeps for the backward: every direction's or nothing."""
     if implementation not in KEEPING_STRATEGIES:
         return 0
-    total = sum(n_local * direction_geometry(d, n_queries, n_docs)[0] for d in chosen)
+    total = sum(n_local * direction_geometry(d, n_queries, n_docs, doc_block)[0] for d in chosen)
     return total if 4 * total <= budget else 0
 
 
-def _row_lse(rows, n_rows, cols, n_cols, period, positive, scale, implementation, budget, kept):
+def _row_lse(rows, n_rows, cols, n_cols, period, positive, scale, implementation, budget, kept, adjusted):
     """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``;
-    ``positive = (mode, labels)``, mode 0 (none), 1 (column = row) or 2 (column = label)."""
+    ``positive = (mode, labels)``, mode 0 (none), 1 (column = row) or 2 (column = label);
+    ``adjusted``: the row softmax's ``Adjustment``."""
     if n_rows == 0:
         empty = torch.empty(0, dtype=torch.float32, device=rows.x.device)
         return empty, (empty if positive[0] else None)
     module, tile = parse_implementation(implementation)
-    return module.row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, kept, tile)
+    return module.row_lse(rows, n_rows, cols, n_cols, period, positive, scale, budget, kept, tile, adjusted)
+
+
+class _Layout:
+    """The directions of one loss call and each one's row-softmax adjustment."""
+
+    def __init__(self, n_local, flags, hardness, hardness_strength, doc_block, guide_args):
+        query_to_query, doc_to_query, doc_to_doc, _, with_positive, exclude_diagonal = flags
+        guide_queries, guide_docs, margin, relative_margin = guide_args
+        self.chosen = directions(
+            query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive, hardness > 0,
+            guide_queries is not None,
+        )  # fmt: skip
+        guide = None
+        if guide_queries is not None:
+            guide = Guide.build(guide_queries, guide_docs, n_local, margin, relative_margin)
+        self.adjustments = {
+            direction.name: adjustment(direction, hardness, hardness_strength, doc_block, guide)
+            for direction in self.chosen
+        }
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The op's arguments beyond the layout flags: hardness weighting (``hardness`` 0 or
+    ``numerics.HARDNESS_MODES``, its strength), documents per column (``doc_block``, None: Nq)
+    and GIST's guide (its query and document embeddings, margin and margin strategy)."""
+
+    hardness: int = 0
+    hardness_strength: float = 0.0
+    doc_block: int | None = None
+    guide_queries: Tensor | None = None
+    guide_docs: Tensor | None = None
+    margin: float = 0.0
+    relative_margin: bool = False
+
+    def op_args(self, n_queries: int) -> tuple:
+        """The trailing arguments of :func:`contrastive_loss_op` for ``n_queries`` queries."""
+        doc_block = n_queries if self.doc_block is None else self.doc_block
+        return (
+            self.hardness, float(self.hardness_strength), doc_block, self.guide_queries, self.guide_docs,
+            float(self.margin), self.relative_margin,
+        )  # fmt: skip
+
+
+PLAIN = LossOptions()
 
 
 def _scale32(scale: Tensor) -> Tensor:
@@ -68,22 +117,31 @@ def _scale32(scale: Tensor) -> Tensor:
 def contrastive_loss_op(
     queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None, n_local: int,
     query_to_query: bool, doc_to_query: bool, doc_to_doc: bool, joint: bool, with_positive: bool,
-    exclude_diagonal: bool, implementation: str, budget: int,
+    exclude_diagonal: bool, implementation: str, budget: int, hardness: int, hardness_strength: float,
+    doc_block: int, guide_queries: Tensor | None, guide_docs: Tensor | None, margin: float,
+    relative_margin: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Per-row loss ``(n_local,)`` fp32 (package docstring); the row statistics the backward
     reuses, ``(#directions + #directions with a positive, n_local)`` fp32 (each direction's
     log-sum-exp, then the log-sum-exp without the positive); the N x M intermediate the strategy
     keeps for the backward (flat fp32, empty unless it fits ``budget`` bytes). Inputs already
-    checked."""
+    checked. ``doc_block``: documents per column (the positives; Nq but for GIST, whose queries
+    are not gathered). ``hardness`` (0, or 1-3: ``numerics.HARDNESS_MODES``) with its strength
+    weights query_to_doc's negatives; ``guide_queries``/``guide_docs`` (GIST) mask the terms the
+    guide rates above each row's positive less ``margin`` (``relative_margin``: times its
+    magnitude)."""
     q, d, scale32 = Side(queries), Side(docs), _scale32(scale)
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
+    guide_args = (guide_queries, guide_docs, margin, relative_margin)
+    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    chosen = layout.chosen
     kept = torch.empty(
-        kept_elements(n_local, q.rows, d.rows, chosen, implementation, budget),
+        kept_elements(n_local, q.rows, d.rows, doc_block, chosen, implementation, budget),
         dtype=torch.float32, device=queries.device,
     )  # fmt: skip
     lses, negative_lses, offset = [], [], 0
     for direction in chosen:
-        n_cols, period = direction_geometry(direction, q.rows, d.rows)
+        n_cols, period = direction_geometry(direction, q.rows, d.rows, doc_block)
         piece = kept[offset : offset + n_local * n_cols] if kept.numel() else None
         offset += n_local * n_cols
         rows, cols = (q if direction.rows_are_queries else d), (q if direction.cols_are_queries else d)
@@ -91,8 +149,9 @@ def contrastive_loss_op(
         if direction.has_positive:
             positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
         lse, negative_lse = _row_lse(
-            rows, n_local, cols, n_cols, period, positive, scale32, implementation, budget, piece
-        )
+            rows, n_local, cols, n_cols, period, positive, scale32, implementation, budget, piece,
+            layout.adjustments[direction.name],
+        )  # fmt: skip
         lses.append(lse)
         if negative_lse is not None:
             negative_lses.append(negative_lse)
@@ -103,8 +162,8 @@ def contrastive_loss_op(
         return loss, stats, kept
     # loss_i = log_z_i - l_ii from the log-sum-exp of the terms other than the positive's:
     # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
-    # it to the cancellation of two numbers near |s|.
-    positive_logits = scale32 * positive_cosines(q, d, n_local, labels)
+    # it to the cancellation of two numbers near |s|. (The positive is never hardness-weighted.)
+    positive_logits = scale32 * pair_cosines(q, d, n_local, labels)
     negatives = negatives_lse(lse, split_stats(stats, chosen)[1], chosen)
     if joint:
         # logaddexp(excess, log slots), with the constant as a Python number: no host-to-device copy.
@@ -122,10 +181,14 @@ def contrastive_loss_op(
 @contrastive_loss_op.register_fake
 def _contrastive_loss_fake(
     queries, docs, scale, labels, n_local, query_to_query, doc_to_query, doc_to_doc, joint,
-    with_positive, exclude_diagonal, implementation, budget,
+    with_positive, exclude_diagonal, implementation, budget, hardness, hardness_strength, doc_block,
+    guide_queries, guide_docs, margin, relative_margin,
 ):  # fmt: skip
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
-    kept = kept_elements(n_local, queries.shape[0], docs.shape[0], chosen, implementation, budget)
+    chosen = directions(
+        query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive, hardness > 0,
+        guide_queries is not None,
+    )  # fmt: skip
+    kept = kept_elements(n_local, queries.shape[0], docs.shape[0], doc_block, chosen, implementation, budget)
     n_stats = len(chosen) + positive_slots(chosen)
     return (
         queries.new_empty((n_local,), dtype=torch.float32),
@@ -156,19 +219,38 @@ def contrastive_loss_backward_op(
     grad_loss: Tensor, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None,
     stats: Tensor, kept: Tensor, n_local: int, query_to_query: bool, doc_to_query: bool,
     doc_to_doc: bool, joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str,
-    budget: int, scale_grad: bool,
+    budget: int, hardness: int, hardness_strength: float, doc_block: int, guide_queries: Tensor | None,
+    guide_docs: Tensor | None, margin: float, relative_margin: bool, scale_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of :func:`contrastive_loss_op`'s per-row loss in queries, docs and scale (zero
-    unless ``scale_grad``: ``sum W cos`` costs a pass over ``W`` on the torch path)."""
+    unless ``scale_grad``: ``sum W cos`` costs a pass over ``W`` on the torch path). The guide
+    gets no gradient (sentence-transformers computes it without one)."""
     q, d, scale32 = Side(queries), Side(docs), _scale32(scale)
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
+    guide_args = (guide_queries, guide_docs, margin, relative_margin)
+    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    chosen = layout.chosen
     lse, negative_lse = split_stats(stats, chosen)
     complement_ = complement(lse, negative_lse, chosen, joint)
     grad = grad_loss.float()
     w_scale = weight_scale(complement_, chosen, grad, joint)
     scaled_grad = (grad * w_scale).contiguous()
     w_cos = torch.zeros((), dtype=torch.float32, device=queries.device)
-    for block in blocks(q, d, n_local, chosen, lse, complement_, kept, scaled_grad, labels, joint):
+    all_blocks = blocks(
+        q,
+        d,
+        n_local,
+        chosen,
+        lse,
+        complement_,
+        kept,
+        scaled_grad,
+        labels,
+        joint,
+        doc_block,
+        layout.adjustments,
+    )
+    for block in all_blocks:
         block_w_cos = _accumulate_block(block, scale32, implementation, budget, scale_grad)
         if block_w_cos is not None:
             w_cos = w_cos + block_w_cos
@@ -184,27 +266,31 @@ def _contrastive_loss_backward_fake(grad_loss, queries, docs, scale, *_args):
 
 _FLAGS = (
     "n_local", "query_to_query", "doc_to_query", "doc_to_doc", "joint", "with_positive",
-    "exclude_diagonal", "implementation", "budget",
+    "exclude_diagonal", "implementation", "budget", "hardness", "hardness_strength", "doc_block",
 )  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    queries, docs, scale, labels, *flags = inputs
+    queries, docs, scale, labels, *rest = inputs
+    *flags, guide_queries, guide_docs, margin, relative_margin = rest
     _, stats, kept = output
-    ctx.save_for_backward(queries, docs, scale, labels, stats, kept)
+    ctx.save_for_backward(queries, docs, scale, labels, stats, kept, guide_queries, guide_docs)
     ctx.flags = dict(zip(_FLAGS, flags, strict=True))
+    ctx.guide_flags = (margin, relative_margin)
     ctx.mark_non_differentiable(stats, kept)
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_stats, _grad_kept):
-    queries, docs, scale, labels, stats, kept = ctx.saved_tensors
+    queries, docs, scale, labels, stats, kept, guide_queries, guide_docs = ctx.saved_tensors
     flags = ctx.flags
     grads = contrastive_loss_backward_op(
         grad_loss, queries, docs, scale, labels, stats, kept, flags["n_local"], flags["query_to_query"],
         flags["doc_to_query"], flags["doc_to_doc"], flags["joint"], flags["with_positive"],
-        flags["exclude_diagonal"], flags["implementation"], flags["budget"], ctx.needs_input_grad[2],
+        flags["exclude_diagonal"], flags["implementation"], flags["budget"], flags["hardness"],
+        flags["hardness_strength"], flags["doc_block"], guide_queries, guide_docs, *ctx.guide_flags,
+        ctx.needs_input_grad[2],
     )  # fmt: skip
-    return *grads, None, None, None, None, None, None, None, None, None, None
+    return *grads, *([None] * 17)
 
 
 contrastive_loss_op.register_autograd(_backward, setup_context=_setup_context)

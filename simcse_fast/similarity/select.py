@@ -128,7 +128,7 @@ def _bucket(size: int) -> int:
 
 def choose_implementation(
     backend: str, resolved: str, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None,
-    n_local: int, flags: tuple, budget: int,
+    n_local: int, flags: tuple, budget: int, options: op.LossOptions = op.PLAIN,
 ) -> str:  # fmt: skip
     """The implementation a call runs. ``backend``: the requested ``"auto"`` or ``"triton"`` (or
     ``"torch"``); ``resolved``: the backend :func:`resolve_backend` gave for the tensors
@@ -152,10 +152,10 @@ def choose_implementation(
     if not _selects_by_timing(queries.device):
         return _with_tile("fused", element_size)
     needs_backward = torch.is_grad_enabled() and any(t.requires_grad for t in (queries, docs, scale))
+    layout = _layout(n_local == queries.shape[0], labels is not None, flags, budget, options)
     key = (
         str(queries.device), queries.dtype, _bucket(queries.shape[0]), _bucket(docs.shape[0]),
-        _bucket(queries.shape[1]), _layout(n_local == queries.shape[0], labels is not None, flags, budget),
-        needs_backward,
+        _bucket(queries.shape[1]), layout, needs_backward,
     )  # fmt: skip
     if key in _CHOICES:
         return _CHOICES[key]
@@ -165,7 +165,7 @@ def choose_implementation(
     for implementation in candidates(backend, element_size):
         try:
             timings[implementation] = _measure(
-                implementation, queries, docs, scale, labels, n_local, flags, budget, needs_backward
+                implementation, queries, docs, scale, labels, n_local, flags, budget, options, needs_backward
             )
         except (RuntimeError, ValueError) as error:  # a tile that does not fit this GPU, an OOM
             logger.debug(
@@ -187,29 +187,34 @@ def choose_implementation(
     return choice
 
 
-def _layout(all_local: bool, has_labels: bool, flags: tuple, budget: int) -> str:
+def _layout(all_local: bool, has_labels: bool, flags: tuple, budget: int, options: op.LossOptions) -> str:
     names = ("query_to_query", "doc_to_query", "doc_to_doc", "joint", "with_positive", "exclude_diagonal")
     parts = [name for name, flag in zip(names, flags[:6], strict=True) if flag]
     if has_labels:
         parts.append("labels")
+    if options.hardness:
+        parts.append(f"hardness{options.hardness}")
+    if options.guide_queries is not None:
+        parts.append("guided")
     if not all_local:
         parts.append("gathered")
     return "+".join(parts or ["lse"]) + f" budget<={_bucket(budget) >> 20}MiB"
 
 
-def _measure(implementation, queries, docs, scale, labels, n_local, flags, budget, needs_backward) -> float:
+def _measure(implementation, queries, docs, scale, labels, n_local, flags, budget, options, needs_backward):
     """Median milliseconds of the op's forward (and backward) with ``implementation``."""
     scale_grad = needs_backward and scale.requires_grad
     queries, docs, scale = queries.detach(), docs.detach(), scale.detach()
+    extra = options.op_args(queries.shape[0])
 
     def run():
         loss, stats, kept = op.contrastive_loss_op(
-            queries, docs, scale, labels, n_local, *flags, implementation, budget
+            queries, docs, scale, labels, n_local, *flags, implementation, budget, *extra
         )
         if needs_backward:
             op.contrastive_loss_backward_op(
                 torch.ones_like(loss), queries, docs, scale, labels, stats, kept, n_local, *flags,
-                implementation, budget, scale_grad,
+                implementation, budget, *extra, scale_grad,
             )  # fmt: skip
 
     with torch.no_grad():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .numerics import Block, Side, budget_rows, exclusion_mask, positive_columns
+from .numerics import NO_ADJUSTMENT, Adjustment, Block, Side, budget_rows, exclusion_mask, positive_columns
 
 TEMPORARY_BYTES = 12
 """Bytes per element of a chunk's fp32 temporaries beside ``W``: cosines or logits, and the
@@ -27,17 +27,52 @@ def cosines(rows: Side, row_slice: slice, cols: Side, n_cols: int, out: Tensor |
     return torch.matmul(rows.unit32[row_slice], cols.unit32[:n_cols].T, out=out)
 
 
-def row_lse(rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None):
-    """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``;
-    ``kept``: a flat buffer that receives the cosines for the backward, or None."""
+def adjust(logits: Tensor, cos: Tensor, row_slice: slice, adjusted: Adjustment, positive: Tensor | None):
+    """``_adjusted_row_logits`` in PyTorch ops, in place on ``logits`` (rows ``row_slice`` of the
+    loss, columns ``0..``); ``positive``: each row's positive column ``(rows, 1)``, which a guided
+    query_to_doc keeps."""
+    n_cols = logits.shape[1]
+    cols = torch.arange(n_cols, device=logits.device)
+    global_rows = torch.arange(row_slice.start, row_slice.stop, device=logits.device)
+    rows = global_rows[:, None]
+    if adjusted.hardness:
+        own = (cols % adjusted.own_period)[None, :] == rows
+        if adjusted.hardness == 1:
+            selected = ~own
+        elif adjusted.hardness == 2:
+            selected = own & (cols >= adjusted.own_period)[None, :]
+        else:
+            selected = cols[None, :] != rows
+        logits.add_(torch.where(selected, cos * adjusted.hardness_strength, 0.0))
+    if adjusted.guided:
+        guide = cosines(adjusted.guide_rows, row_slice, adjusted.guide_cols, n_cols)
+        masked = guide > adjusted.threshold[row_slice, None]
+        if adjusted.guided == 1:
+            masked.scatter_(1, positive, False)
+        logits.masked_fill_(masked, float("-inf"))
+    return logits
+
+
+def row_lse(
+    rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, budget, kept, config=None,
+    adjusted: Adjustment = NO_ADJUSTMENT,
+):  # fmt: skip
+    """``(lse, lse without the positive or None)`` of ``rows[:n_rows]`` against ``cols[:n_cols]``,
+    the row softmax adjusted by ``adjusted``; ``kept``: a flat buffer that receives the (plain)
+    cosines for the backward, or None."""
     mode, labels = positive
     lse = torch.empty(n_rows, dtype=torch.float32, device=rows.x.device)
     negative_lse = torch.empty_like(lse) if mode else None
-    step = n_rows if kept is not None else budget_rows(budget, TEMPORARY_BYTES * n_cols, n_rows)
+    temporaries = TEMPORARY_BYTES + (8 if adjusted.guided or adjusted.hardness else 0)
+    step = n_rows if kept is not None else budget_rows(budget, temporaries * n_cols, n_rows)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         out = None if kept is None else kept.view(n_rows, n_cols)[start:stop]
-        terms = cosines(rows, slice(start, stop), cols, n_cols, out=out) * scale
+        cos = cosines(rows, slice(start, stop), cols, n_cols, out=out)
+        terms = cos * scale
+        columns = positive_columns(mode, labels, start, stop, 0, lse.device) if mode else None
+        if adjusted.hardness or adjusted.guided:
+            adjust(terms, cos, slice(start, stop), adjusted, columns)
         if period:
             global_rows = torch.arange(start, stop, device=lse.device)
             terms.masked_fill_(exclusion_mask(global_rows, n_cols, period), float("-inf"))
@@ -50,7 +85,6 @@ def row_lse(rows: Side, n_rows, cols: Side, n_cols, period, positive, scale, bud
             continue
         # The sum without the positive comes first and the positive is added to it: no
         # difference of nearly equal sums, whatever P_positive.
-        columns = positive_columns(mode, labels, start, stop, 0, lse.device)
         positive_terms = terms.gather(1, columns).squeeze(1)
         negatives = terms.scatter_(1, columns, 0.0).sum(dim=1)
         lse[start:stop] = shift + (negatives + positive_terms).log()
@@ -62,7 +96,9 @@ def weight_chunks(block: Block, scale: Tensor, budget: int, scale_grad: bool, co
     """Yields ``(start, stop, W, sum W cos or None)`` over the block's rows, a budget-sized chunk
     at a time: the same ``W`` as ``_gradient_weights_kernel``, in PyTorch ops."""
     element = block.rows.x.element_size()
-    step = budget_rows(budget, block.n_cols * (element + TEMPORARY_BYTES), block.n_rows)
+    adjusted = block.adjustment.hardness or block.adjustment.guided
+    temporaries = TEMPORARY_BYTES + (8 if adjusted else 0)  # the guide's cosines and the mask
+    step = budget_rows(budget, block.n_cols * (element + temporaries), block.n_rows)
     for start in range(0, block.n_rows, step):
         stop = min(start + step, block.n_rows)
         yield (start, stop, *_weights(block, start, stop, scale, scale_grad))
@@ -79,16 +115,20 @@ def _weights(block: Block, start: int, stop: int, scale: Tensor, scale_grad: boo
     col_part = None
     if block.col_lse is not None:
         col_part = (logits[:, :n_terms] - block.col_lse[None, :]).exp_().mul_(block.col_weight[None, :])
-    if block.row_lse is None:
-        weights = col_part  # a block of column terms only spans exactly those columns
-    else:
-        weights = logits.sub_(block.row_lse[start:stop, None]).exp_().mul_(block.row_weight[start:stop, None])
-        if col_part is not None:
-            weights[:, :n_terms] += col_part
+    columns = None
     if block.positive_mode:
         columns = positive_columns(
             block.positive_mode, block.labels, start, stop, block.row_start, cos.device
         )
+    if block.row_lse is None:
+        weights = col_part  # a block of column terms only spans exactly those columns
+    else:
+        if block.adjustment.hardness or block.adjustment.guided:
+            adjust(logits, cos, rows, block.adjustment, columns)
+        weights = logits.sub_(block.row_lse[start:stop, None]).exp_().mul_(block.row_weight[start:stop, None])
+        if col_part is not None:
+            weights[:, :n_terms] += col_part
+    if block.positive_mode:
         weights.scatter_(1, columns, block.positive_value[start:stop, None])
     if block.exclude_period:
         global_rows = torch.arange(rows.start, rows.stop, device=cos.device)

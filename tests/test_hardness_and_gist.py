@@ -1,0 +1,327 @@
+"""The losses embedding trainers combine with in-batch negatives, fused: sentence-transformers'
+hardness weighting (MNRL and CachedMNRL, 5.3 and later) and GISTEmbedLoss / CachedGISTEmbedLoss,
+each against sentence-transformers' own class: every mode and option it accepts, gathered ranks,
+the cached variants, the Triton strategies under the interpreter, half precision by the 2x-eager
+rule."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from inputs import SENTENCES, assert_within_eager, cpu_backends
+from test_sentence_transformers import (
+    COLUMNS,
+    OPTION_CASES,
+    easy_columns,
+    loss_and_grads,
+    make_model,
+    random_columns,
+    scaled_grads,
+    tokenize,
+)
+
+from simcse_fast.sentence_transformers import losses, models
+from simcse_fast.sentence_transformers._compat import st_losses
+from simcse_fast.similarity import select
+
+HAS_HARDNESS = (
+    "hardness_mode" in inspect.signature(st_losses.MultipleNegativesRankingLoss.__init__).parameters
+)
+needs_hardness = pytest.mark.skipif(
+    not HAS_HARDNESS, reason="this sentence-transformers has no hardness_mode (5.3)"
+)
+HARDNESS_MODES = ["in_batch_negatives", "hard_negatives", "all_negatives"]
+# The Triton strategies under the interpreter (CPU, fp32) beside the default torch path.
+STRATEGIES = [("auto", None)] + (
+    [("triton", "fused"), ("triton", "gemm")] if "triton" in cpu_backends() else []
+)
+
+
+@pytest.fixture
+def strategy(request, monkeypatch):
+    backend, pinned = request.param
+    monkeypatch.setenv("SIMCSE_FAST_BACKEND", backend)
+    if pinned is not None:
+        monkeypatch.setenv(select.STRATEGY_ENV_VAR, pinned)
+    return request.param
+
+
+def assert_same(ours, theirs, what=""):
+    (value, grads), (expected, expected_grads) = ours, theirs
+    torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} loss: {m}")
+    for index, (grad, expected_grad) in enumerate(zip(grads, expected_grads, strict=True)):
+        torch.testing.assert_close(
+            grad, expected_grad, rtol=1e-5, atol=1e-5, msg=lambda m, i=index: f"{what} d column {i}: {m}"
+        )
+
+
+# Hardness weighting.
+
+
+@needs_hardness
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True, ids=lambda s: "-".join(filter(None, s)))
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+@pytest.mark.parametrize(
+    "options", OPTION_CASES, ids=lambda o: f"{'+'.join(o['directions'])}-{o['partition_mode']}"
+)
+def test_hardness_matches_sentence_transformers(options, mode, strategy, generator):
+    """Each hardness mode with every direction and partition mode, pairs and two hard negatives:
+    the loss and gradients of sentence-transformers' MultipleNegativesRankingLoss."""
+    if strategy[0] == "triton" and options["directions"] not in (("query_to_doc",), DIRECTION_PAIR):
+        pytest.skip("the interpreter runs the two main layouts; the torch path covers every one")
+    for n_columns in (2, 4):
+        columns = random_columns(n_columns, generator)
+        kwargs = {**options, "hardness_mode": mode, "hardness_strength": 5.0}
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # fused: no fallback warning
+            ours = loss_and_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+        theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+        assert_same(ours, theirs, f"{mode} {options} {n_columns} columns")
+
+
+DIRECTION_PAIR = ("query_to_doc", "doc_to_query")
+
+
+@needs_hardness
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+def test_cached_hardness_matches_sentence_transformers(mode, tiny_bert_dir, generator):
+    """CachedMultipleNegativesRankingLoss's loss stage with hardness weighting, on mini-batches
+    of precomputed embeddings."""
+    model = make_model(tiny_bert_dir, models.Pooling)
+    reps = [[column[:3], column[3:]] for column in random_columns(3, generator)]
+    values = []
+    for loss_class in (
+        losses.CachedMultipleNegativesRankingLoss,
+        st_losses.CachedMultipleNegativesRankingLoss,
+    ):
+        leaves = [[part.clone().requires_grad_() for part in column] for column in reps]
+        loss = loss_class(model, mini_batch_size=2, hardness_mode=mode, hardness_strength=9.0)
+        value = loss.calculate_loss(leaves, with_backward=True)
+        values.append((value, [torch.cat([part.grad for part in column]) for column in leaves]))
+    assert_same(*values, f"cached {mode}")
+
+
+@needs_hardness
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+def test_gathered_hardness_matches_sentence_transformers(mode, generator, monkeypatch):
+    """Rank 1 of 3, the other ranks' rows stubbed in: a query's own documents are its local
+    positive and hard negatives, wherever the rank's block lies."""
+    from simcse_fast.sentence_transformers import losses as our_module
+
+    their_module = sys.modules[st_losses.MultipleNegativesRankingLoss.__module__]
+
+    def all_gather_with_grad(x):
+        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
+        return torch.cat([others[0], x, others[1]])
+
+    for module in (our_module, their_module):
+        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
+        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    columns = random_columns(3, generator)
+    kwargs = {"gather_across_devices": True, "hardness_mode": mode, "hardness_strength": 5.0}
+    kwargs["directions"] = DIRECTION_PAIR
+    ours = loss_and_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    assert_same(ours, theirs, f"gathered {mode}")
+
+
+HALF_CASES = [("torch", torch.bfloat16, 1.0), ("torch", torch.float16, 2.0**14)]
+if "triton" in cpu_backends():
+    HALF_CASES.append(("triton", torch.float16, 2.0**14))
+
+
+@needs_hardness
+@pytest.mark.parametrize(
+    "backend, dtype, loss_scale", HALF_CASES, ids=lambda v: str(v).removeprefix("torch.")
+)
+def test_hardness_half_precision_within_twice_eager(backend, dtype, loss_scale, generator, monkeypatch):
+    """Easy positives, 256 queries with a hard negative each, EmbeddingGemma's strength 5 on the
+    hard negatives: flash-attention's rule against sentence-transformers in the same dtype."""
+    monkeypatch.setenv("SIMCSE_FAST_BACKEND", backend)
+    kwargs = {"hardness_mode": "all_negatives", "hardness_strength": 5.0}
+    columns = easy_columns(256, 64, generator)
+    half = [column.to(dtype) for column in columns]
+    truth = scaled_grads(
+        st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), [c.double() for c in half], 1.0
+    )
+    eager = scaled_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), half, loss_scale)
+    ours = scaled_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), half, loss_scale)
+    names = ("queries", "positives", "negatives")
+    assert_within_eager(ours, eager, truth, dtype, loss_scale, f"hardness {backend} {dtype}", names)
+
+
+# GIST.
+
+GIST_ARGUMENTS = inspect.signature(st_losses.GISTEmbedLoss.__init__).parameters
+GIST_OPTIONS = [
+    {},
+    {"margin_strategy": "absolute", "margin": 0.1},
+    {"margin_strategy": "relative", "margin": 0.05},
+    {"contrast_anchors": False},
+    {"contrast_positives": False},
+    {"contrast_anchors": False, "contrast_positives": False, "margin": 0.02},
+]
+
+
+def gist_options(options: dict) -> dict:
+    """``options`` where the release takes them (4.0 added the margins and contrast flags)."""
+    missing = [name for name in options if name not in GIST_ARGUMENTS]
+    if missing:
+        pytest.skip(f"this sentence-transformers' GISTEmbedLoss has no argument {', '.join(missing)}")
+    return options
+
+
+@pytest.fixture(scope="module")
+def guide_model(tiny_bert_dir):
+    """A second tiny model with other weights and the same vocabulary: the guide."""
+    guide = make_model(tiny_bert_dir)
+    with torch.no_grad():
+        for parameter in guide.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(7)))
+    return guide
+
+
+def gist_parameter_grads(model, loss, columns):
+    model.zero_grad()
+    value = loss([tokenize(model, column) for column in columns], torch.empty(0))
+    value.backward()
+    return value.detach(), {
+        name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None
+    }
+
+
+GIST_COLUMNS = {
+    "pairs": [SENTENCES, SENTENCES[::-1]],
+    "triplets": [SENTENCES, SENTENCES[::-1], SENTENCES[1:] + SENTENCES[:1]],
+    # SimCSE's pairs: a text and itself, so the guide's anchor and positive embeddings are
+    # identical and the guide's self-similarities tie with the threshold.
+    "identical": [SENTENCES, SENTENCES],
+}
+
+
+@pytest.mark.parametrize("columns", list(GIST_COLUMNS))
+@pytest.mark.parametrize(
+    "options", GIST_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+)
+def test_gist_matches_sentence_transformers(options, columns, tiny_bert_dir, guide_model):
+    options = gist_options(options)
+    model = make_model(tiny_bert_dir, models.Pooling)
+    texts = GIST_COLUMNS[columns]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = gist_parameter_grads(model, losses.GISTEmbedLoss(model, guide_model, **options), texts)
+    theirs = gist_parameter_grads(model, st_losses.GISTEmbedLoss(model, guide_model, **options), texts)
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 10
+    for name in ours[1]:
+        torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def gist_reps(generator, n_columns=3, batch=6, dim=16, guide_dim=12):
+    """Mini-batches of model and guide embeddings; the guide's positives near its anchors so
+    that some in-batch candidates pass the threshold and some do not."""
+    anchors = torch.randn(batch, guide_dim, generator=generator)
+    guide = [anchors] + [
+        anchors + 0.9 * torch.randn(batch, guide_dim, generator=generator) for _ in range(n_columns - 1)
+    ]
+    model = [torch.randn(batch, dim, generator=generator) for _ in range(n_columns)]
+    split = [[column[:4], column[4:]] for column in model]
+    return split, [[column[:4], column[4:]] for column in guide]
+
+
+def cached_gist_loss(loss_class, model, guide_model, reps, reps_guided, **options):
+    leaves = [[part.clone().requires_grad_() for part in column] for column in reps]
+    loss = loss_class(model, guide_model, mini_batch_size=3, **options)
+    value = loss.calculate_loss(leaves, reps_guided, with_backward=True)
+    return value, [torch.cat([part.grad for part in column]) for column in leaves]
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, indirect=True, ids=lambda s: "-".join(filter(None, s)))
+@pytest.mark.parametrize("n_columns", [2, 3, 4], ids=lambda n: f"{n - 2}-negatives")
+@pytest.mark.parametrize(
+    "options", GIST_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+)
+def test_cached_gist_matches_sentence_transformers(
+    options, n_columns, strategy, tiny_bert_dir, guide_model, generator
+):
+    """CachedGISTEmbedLoss's loss stage: precomputed model and guide embeddings, every option,
+    several hard negatives, each strategy."""
+    if strategy[0] == "triton" and (options or n_columns == 4):
+        pytest.skip("the interpreter runs two layouts; the torch path covers every one")
+    options = gist_options(options)
+    model = make_model(tiny_bert_dir, models.Pooling)
+    reps, reps_guided = gist_reps(generator, n_columns)
+    ours = cached_gist_loss(losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
+    theirs = cached_gist_loss(st_losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
+    assert_same(ours, theirs, f"cached GIST {options}")
+
+
+@pytest.mark.skipif("gather_across_devices" not in GIST_ARGUMENTS, reason="GIST gathers from 5.1")
+def test_gathered_gist_matches_sentence_transformers(tiny_bert_dir, guide_model, generator, monkeypatch):
+    """Rank 1 of 3 with the other ranks' documents stubbed in: anchors stay local, documents and
+    the guide's documents are gathered, the positive is at the rank's offset."""
+    from simcse_fast.sentence_transformers import losses as our_module
+
+    their_module = sys.modules[st_losses.CachedGISTEmbedLoss.__module__]
+
+    def all_gather_with_grad(x):
+        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
+        return torch.cat([others[0], x, others[1]])
+
+    for module in (our_module, their_module):
+        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
+        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    model = make_model(tiny_bert_dir, models.Pooling)
+    reps, reps_guided = gist_reps(generator, 3)
+    options = {"gather_across_devices": True, "margin": 0.05}
+    ours = cached_gist_loss(losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
+    theirs = cached_gist_loss(st_losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
+    assert_same(ours, theirs, "gathered GIST")
+
+
+@pytest.mark.parametrize(
+    "backend, dtype, loss_scale", HALF_CASES, ids=lambda v: str(v).removeprefix("torch.")
+)
+def test_gist_half_precision_within_twice_eager(
+    backend, dtype, loss_scale, tiny_bert_dir, guide_model, generator, monkeypatch
+):
+    """Easy positives, 256 anchors with a hard negative, the guide's embeddings near the model's:
+    flash-attention's rule against sentence-transformers' CachedGISTEmbedLoss in the same dtype."""
+    monkeypatch.setenv("SIMCSE_FAST_BACKEND", backend)
+    model = make_model(tiny_bert_dir, models.Pooling)
+    columns = easy_columns(256, 64, generator)
+    guide = [(column[:, :32] + 0.1 * torch.randn(256, 32, generator=generator, dtype=torch.float64)).float()
+             for column in columns]  # fmt: skip
+    grads = {}
+    for name, loss_class, cast, loss_scale_used in (
+        ("truth", st_losses.CachedGISTEmbedLoss, torch.float64, 1.0),
+        ("eager", st_losses.CachedGISTEmbedLoss, dtype, loss_scale),
+        ("ours", losses.CachedGISTEmbedLoss, dtype, loss_scale),
+    ):
+        reps = [[column.to(dtype).to(cast)] for column in columns]
+        leaves = [[part.clone().requires_grad_() for part in column] for column in reps]
+        loss = loss_class(model, guide_model, temperature=0.05, mini_batch_size=64)
+        value = loss.calculate_loss(leaves, [[g.to(cast)] for g in guide])
+        (value * loss_scale_used).backward()
+        grads[name] = [column[0].grad.double() / loss_scale_used for column in leaves]
+    names = ("anchors", "positives", "negatives")
+    what = f"GIST {backend} {dtype}"
+    assert_within_eager(grads["ours"], grads["eager"], grads["truth"], dtype, loss_scale, what, names)
+
+
+def test_no_fallback_remains_for_hardness_or_gist():
+    """The fused drop-ins exist for every loss of the issue and fall back only where
+    sentence-transformers' own computation is the only exact one (another similarity_fct, float64)."""
+    for name in ("GISTEmbedLoss", "CachedGISTEmbedLoss", "MultipleNegativesRankingLoss",
+                 "CachedMultipleNegativesRankingLoss"):  # fmt: skip
+        ours, theirs = getattr(losses, name), getattr(st_losses, name)
+        assert ours is not theirs and issubclass(ours, theirs), name
+    source = inspect.getsource(losses)
+    assert "hardness_mode=" not in source.split("def _unfusable_reason", 1)[1].split("def ", 1)[0]
