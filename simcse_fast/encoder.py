@@ -13,6 +13,7 @@ head of the official SimCSE (``Linear(H, H)`` then ``tanh``) is applied in train
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .config import POOLING_MODES
 
-POOLING_MODES = ("mean", "max", "cls")
 _ST_POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
     "max": "pooling_mode_max_tokens",
@@ -94,6 +95,23 @@ def _sequence_limit(tokenizer, encoder) -> int:
         return limit
     positions = getattr(encoder.config, "max_position_embeddings", None)
     return positions if isinstance(positions, int) and positions > 0 else 512
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars from transformers between ours."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        yield
+        return
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 class SimCSE(nn.Module):
