@@ -4,8 +4,10 @@ classes for every option, Pooling equal to theirs, training with only the import
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import itertools
+import pydoc
 import sys
 import warnings
 
@@ -163,6 +165,119 @@ def test_unfusable_options_fall_back_with_one_warning(options, reason, generator
         warnings.simplefilter("error")
         loss_and_grads(ours, columns)  # no second warning
     torch.testing.assert_close(value, loss_and_grads(theirs, columns)[0])
+
+
+FUSED_NAMES = {
+    "models": ("Pooling",),
+    "losses": (
+        "MultipleNegativesRankingLoss",
+        "MultipleNegativesSymmetricRankingLoss",
+        "CachedMultipleNegativesRankingLoss",
+    ),
+}
+THEIR_PATHS = {
+    "models": ("sentence_transformers.models", "sentence_transformers.sentence_transformer.modules"),
+    "losses": ("sentence_transformers.losses", "sentence_transformers.sentence_transformer.losses"),
+}
+
+
+def their_modules(kind: str) -> list:
+    """sentence-transformers' modules of ``kind`` on this release: the classic path and, from
+    5.4, the new one (the classic one then warns that it moved)."""
+    found = []
+    for path in THEIR_PATHS[kind]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                found.append(importlib.import_module(path))
+            except ImportError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("kind", ["models", "losses"])
+def test_the_drop_in_modules_offer_every_name_of_sentence_transformers(kind):
+    """Issue 19, item 1: ``models.Transformer`` was missing, so the import swap broke the first
+    line of sentence-transformers' own example. Every public name of their module is ours too,
+    the same object except the fused drop-ins, which subclass theirs; ``dir``, ``import *`` and
+    ``help`` see them all."""
+    ours = {"models": models, "losses": losses}[kind]
+    theirs_list = their_modules(kind)
+    assert theirs_list
+    for theirs in theirs_list:
+        exported = set(getattr(theirs, "__all__", ()))
+        names = {name for name in dir(theirs) if not name.startswith("_")} | exported
+        assert exported <= set(ours.__all__)
+        assert names <= set(dir(ours)), sorted(names - set(dir(ours)))
+        for name in names:
+            mine, original = getattr(ours, name), getattr(theirs, name)
+            if name in FUSED_NAMES[kind]:
+                assert mine is not original and issubclass(mine, original), name
+            else:
+                assert mine is original, name
+    namespace = {}
+    exec(f"from {ours.__name__} import *", namespace)
+    for name in theirs_list[0].__all__:
+        assert namespace[name] is getattr(ours, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        ours.NoSuchThing  # noqa: B018
+    text = pydoc.plain(pydoc.render_doc(ours))
+    assert all(f"class {name}" in text for name in FUSED_NAMES[kind])
+    assert "fused" in text and ("class Transformer" in text or "class MatryoshkaLoss" in text)
+
+
+def test_fused_pooling_says_so_in_its_repr(tiny_bert_dir):
+    """Issue 19, item 11: ``print(model)`` looked the same before and after
+    ``apply_fused_pooling``, which the package exports beside ``losses`` and ``models``."""
+    from simcse_fast.sentence_transformers import apply_fused_pooling, restore_pooling
+
+    model = make_model(tiny_bert_dir, **pooling_kwargs(("mean", "cls")))
+    assert "simcse_fast" not in str(model)
+    assert apply_fused_pooling(model) is model
+    assert "[simcse_fast: mean fused]" in str(model)
+    restore_pooling(model)
+    assert "simcse_fast" not in str(model)
+    assert "no fused mode here" in repr(models.Pooling(8, **pooling_kwargs("cls")))
+
+
+@pytest.mark.parametrize(
+    "ours_class, theirs_class",
+    [
+        (losses.MultipleNegativesRankingLoss, st_losses.MultipleNegativesRankingLoss),
+        (losses.MultipleNegativesSymmetricRankingLoss, st_losses.MultipleNegativesSymmetricRankingLoss),
+    ],
+    ids=["mnrl", "symmetric"],
+)
+def test_float64_embeddings_run_sentence_transformers_loss(ours_class, theirs_class, generator):
+    """Issue 19, item 16: float64 embeddings (``model.double()``) were refused; they take
+    sentence-transformers' own computation, after one warning that names the reason."""
+    columns = [column.double() for column in random_columns(3, generator)]
+    ours = ours_class(COLUMNS)
+    with pytest.warns(UserWarning, match="float64 embeddings"):
+        value, grads = loss_and_grads(ours, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_and_grads(ours, columns)  # no second warning
+    expected, expected_grads = loss_and_grads(theirs_class(COLUMNS), columns)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_float64_model_trains_with_the_cached_loss(tiny_bert_dir):
+    """``model.double()`` under the cached loss: sentence-transformers' own gradients."""
+    model = make_model(tiny_bert_dir, models.Pooling).double()
+    columns = [SENTENCES, SENTENCES[::-1]]
+    with pytest.warns(UserWarning, match="float64 embeddings"):
+        ours_loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+        ours = parameter_grads(model, ours_loss, columns)
+    theirs_loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    theirs = parameter_grads(model, theirs_loss, columns)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name in ours:
+        assert ours[name].dtype == torch.float64
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def parameter_grads(model, loss, columns):
