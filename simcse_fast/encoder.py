@@ -258,9 +258,10 @@ class SimCSE(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write a sentence-transformers folder (encoder and tokenizer at the top,
-        ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json`` and a
-        Normalize module if the model normalizes): plain sentence-transformers and ``SimCSE``
-        both load it. The training-only MLP head is not saved."""
+        ``modules.json``, ``sentence_bert_config.json``, ``config_sentence_transformers.json``,
+        ``1_Pooling/config.json``, a Normalize module if the model normalizes, and a short
+        ``README.md`` unless one is there): plain sentence-transformers and ``SimCSE`` both load
+        it. The training-only MLP head is not saved."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(folder)
@@ -289,4 +290,15 @@ class SimCSE(nn.Module):
         pooling_config.update({key: self.pooling == mode for mode, key in _ST_POOLING_KEYS.items()})
         (folder / "1_Pooling").mkdir(exist_ok=True)
         (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2) + "\n")
+        # The files sentence-transformers looks for besides: where one is missing, releases before
+        # 5 ask the hub for it when the folder's path could be a hub name ("simcse-model").
+        model_config = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        card = folder / "README.md"
+        if not card.exists():
+            card.write_text(
+                "# Sentence embeddings\n\nA sentence-transformers model saved by simcse_fast "
+                f"({self.pooling} pooling, max_seq_length {self.max_seq_length}). Load it with "
+                "`sentence_transformers.SentenceTransformer(path)` or `simcse_fast.SimCSE(path)`.\n"
+            )
         return folder

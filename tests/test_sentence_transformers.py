@@ -17,9 +17,9 @@ import torch
 pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
 
+import readme  # noqa: E402
 from inputs import SENTENCES, assert_within_eager, cpu_backends  # noqa: E402
-from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from simcse_fast.sentence_transformers import losses, models  # noqa: E402
 from simcse_fast.sentence_transformers._compat import st_losses, st_modules  # noqa: E402
@@ -580,19 +580,31 @@ needs_compatible_trainer = pytest.mark.skipif(
 
 
 @needs_compatible_trainer
-def test_simcse_example_trains_with_only_the_import_swapped(tiny_bert_dir):
-    """The seed's SimCSE recipe: InputExample(texts=[s, s]), a DataLoader, model.fit."""
-    model = make_model(tiny_bert_dir, models.Pooling)
-    model.train()
-    train_examples = [InputExample(texts=[s, s]) for s in SENTENCES * 2]
-    train_dataloader = DataLoader(train_examples, batch_size=4, shuffle=True)
-    train_loss = losses.MultipleNegativesRankingLoss(model)
-    before = [p.detach().clone() for p in model.parameters()]
-    model.fit(
-        train_objectives=[(train_dataloader, train_loss)], epochs=1, warmup_steps=0, show_progress_bar=False
-    )
-    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True)]
+def test_the_readme_example_trains_with_only_the_import_swapped(tiny_bert_dir, tmp_path, monkeypatch):
+    """Issue 19, item 1: the README's quick start, sentence-transformers' classic training script
+    with its import swapped, run as written (the tiny BERT in place of the hub model)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sentences.txt").write_text("".join(f"{s} {i}\n" for i in range(32) for s in SENTENCES))
+    namespace = readme.run_python("import-swap", {'"distilroberta-base"': f'"{tiny_bert_dir}"'})
+    model = namespace["model"]
+    assert type(model[1]) is models.Pooling
+    assert type(namespace["train_loss"]) is losses.MultipleNegativesRankingLoss
+    start = transformers.AutoModel.from_pretrained(str(tiny_bert_dir))
+    trained = model[0].auto_model
+    changed = [not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
+    reloaded = SentenceTransformer(str(tmp_path / "simcse-st-model"), device="cpu")
+    expected = model.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(reloaded.encode(SENTENCES, convert_to_tensor=True), expected)
+
+
+def test_the_readme_fuses_an_existing_model(tiny_bert_dir, tmp_path, capsys):
+    """The README's apply_fused_pooling block on a saved model (the hub name replaced)."""
+    make_model(tiny_bert_dir).save(str(tmp_path / "st-model"))
+    replacements = {'"sentence-transformers/all-MiniLM-L6-v2"': f'"{tmp_path / "st-model"}"'}
+    namespace = readme.run_python("apply-fused-pooling", replacements)
+    assert "[simcse_fast: mean fused]" in capsys.readouterr().out
+    assert type(namespace["model"][1]) is st_modules.Pooling  # restored
 
 
 def test_pooling_and_loss_compile_without_graph_breaks(generator):
