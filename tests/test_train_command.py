@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
@@ -238,3 +239,15 @@ def test_eval_without_progress_is_quiet(tiny_bert_dir, dev_file, capsys):
     assert cli.main(command) == 0
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out.count("\n") == 1
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_over(simcse_fast_train, tmp_path, capsys):
+    """A folder whose run never reached a checkpoint has nothing to resume: the command says so,
+    and --resume=auto starts it over instead of sending the user in a circle."""
+    output = tmp_path / "run"
+    assert simcse_fast_train(output, "--max-steps", "2") == 0
+    shutil.rmtree(output / "checkpoints")
+    assert simcse_fast_train(output, "--max-steps", "2") == 1
+    assert "stopped before its first checkpoint: start it over with --resume=auto" in capsys.readouterr().err
+    assert simcse_fast_train(output, "--max-steps", "2", "--resume=auto") == 0
+    assert training.latest_checkpoint(output).name == "step-2"
