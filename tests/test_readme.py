@@ -4,14 +4,13 @@ Blocks are named in README.md (``<!-- test: NAME -->`` above the fence) and run 
 ``tests/readme.py`` (its docstring says how to add one). Hub models are replaced by the tiny
 local BERT of ``conftest.tiny_bert_dir``, ``"cuda"`` by ``"cpu"``, and the names a block assumes
 (``encoder``, ``loader``, input files) are stand-ins defined here. The sentence-transformers
-blocks run in ``tests/test_sentence_transformers.py``, which CI also runs with the oldest
-supported release.
+blocks run in ``tests/test_sentence_transformers.py`` (which CI also runs with the oldest
+supported release), the training-loop ones in ``tests/test_modules.py``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import signal
@@ -144,49 +143,6 @@ def test_loading_a_trained_model(tiny_bert_dir, in_tmp):
     embeddings = namespace["embeddings"]
     assert embeddings.shape == (3, 32) and embeddings.dtype == np.float32
     np.testing.assert_allclose(embeddings, namespace["same"], rtol=1e-5, atol=1e-5)
-
-
-def test_an_own_training_loop(tiny_bert_dir):
-    encoder = sf.SimCSE(str(tiny_bert_dir), device="cpu")
-    before = [p.detach().clone() for p in encoder.parameters()]
-    loader = [(encoder.tokenize(SENTENCES[:4]), encoder.tokenize(SENTENCES[4:]))] * 2
-    namespace = readme.run_python(
-        "own-training-loop", {'.to("cuda")': '.to("cpu")'}, {"encoder": encoder, "loader": loader}
-    )
-    changed = [not torch.equal(b, p) for b, p in zip(before, encoder.parameters(), strict=True)]
-    assert sum(changed) > len(changed) // 2
-    (log_scale,) = namespace["criterion"].parameters()
-    assert log_scale.item() != pytest.approx(math.log(20.0))
-
-
-def test_the_hugging_face_trainer(tiny_bert_dir):
-    """``compute_loss`` of the README's Trainer is info_nce of the mean-pooled anchors and
-    positives (its class is checked, not a whole Trainer run)."""
-    transformers = pytest.importorskip("transformers")
-    trainer_class = readme.run_python("hf-trainer")["ContrastiveTrainer"]
-    model = transformers.AutoModel.from_pretrained(str(tiny_bert_dir))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(tiny_bert_dir))
-    inputs = {}
-    for prefix, texts in (("anchor_", SENTENCES[:4]), ("positive_", SENTENCES[4:])):
-        inputs.update(
-            {
-                prefix + key: value
-                for key, value in tokenizer(texts, padding=True, return_tensors="pt").items()
-            }
-        )
-    trainer = object.__new__(trainer_class)  # compute_loss reads only the class's criterion
-    loss, outputs = trainer_class.compute_loss(trainer, model, inputs, return_outputs=True)
-
-    def pooled(prefix):
-        features = {
-            key.removeprefix(prefix): value for key, value in inputs.items() if key.startswith(prefix)
-        }
-        return sf.reference.masked_mean_pool(model(**features).last_hidden_state, features["attention_mask"])
-
-    torch.testing.assert_close(
-        loss, sf.reference.info_nce(pooled("anchor_"), pooled("positive_"), scale=20.0)
-    )
-    assert outputs["anchors"].shape == (4, 32)
 
 
 def test_the_api_example():
