@@ -7,9 +7,13 @@ dropout gives the two views in one forward pass (the official SimCSE trick); row
 AdamW with linear warm-up and decay, gradient clipping, bf16 autocast on GPUs that support it.
 
 Checkpoints (every ``checkpoint_steps``, in ``OUTPUT/checkpoints/step-N``) hold the model,
-optimizer, scheduler, every random state and the data position; ``resume=True`` continues from
-the latest, and the run then ends with the same weights as an uninterrupted one. The data order
-of epoch ``e`` is a permutation seeded by ``seed + e``, so the position is (epoch, batch).
+optimizer, scheduler and its schedule, every random state, the data position and the last loss;
+``resume=True`` continues from the latest, and the run then ends with the same weights as an
+uninterrupted one. A larger ``epochs`` or ``max_steps`` on resume extends the run
+(:func:`resumed_schedule`). The data order of epoch ``e`` is a permutation seeded by
+``seed + e``, so the position is (epoch, batch). Nothing is written to ``OUTPUT`` until the data
+and the model have loaded. With ``dev_sts`` the starting model (step 0) and each checkpoint are
+evaluated at the sequence length the saved models keep, the best in ``OUTPUT/best``.
 """
 
 from __future__ import annotations
