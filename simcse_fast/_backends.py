@@ -8,13 +8,18 @@ An explicitly requested backend runs or raises ``ValueError`` saying why it cann
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import shutil
 import warnings
 from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
 
 import torch
 
 from ._triton import HAS_TRITON, TRITON_IMPORT_ERROR, TRITON_INTERPRETER
+from .config import BACKENDS
 
 
 def _load_extension():
@@ -35,7 +40,70 @@ def _load_extension():
 
 CUDA_EXTENSION, CUDA_EXTENSION_ERROR = _load_extension()
 
-BACKENDS = ("auto", "triton", "cuda", "torch")
+
+def _find_nvcc() -> str | None:
+    """nvcc where setup.py looks for it: ``CUDA_HOME`` or ``CUDA_PATH``, then ``PATH``."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(variable)
+        if home and (Path(home) / "bin" / "nvcc").is_file():
+            return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+def _installation() -> str:
+    """How this copy of simcse_fast got here: ``"wheel"``, ``"source"`` (an sdist or a folder,
+    built at install), ``"editable"`` (``pip install -e`` of this checkout) or ``"checkout"``
+    (imported from a source tree that no install points at)."""
+    package = Path(__file__).resolve().parent
+    try:
+        distribution = metadata.distribution("simcse-fast")
+    except metadata.PackageNotFoundError:
+        return "checkout"
+    if distribution.read_text("INSTALLER") is None:
+        return "checkout"  # the metadata of a source tree (an egg-info beside the code), not an install
+    try:
+        direct = json.loads(distribution.read_text("direct_url.json") or "{}")
+    except ValueError:
+        direct = {}
+    if direct.get("dir_info", {}).get("editable"):
+        return "editable" if direct.get("url") == package.parent.as_uri() else "checkout"
+    if Path(distribution.locate_file("simcse_fast")).resolve() != package:
+        return "checkout"
+    from_source = "dir_info" in direct or direct.get("url", "").endswith((".tar.gz", ".zip"))
+    return "source" if from_source else "wheel"
+
+
+def extension_build_status() -> str:
+    """Whether the compiled extension ``simcse_fast._C`` was built for this installation and, if
+    not, why as far as the installation tells; whether it runs here is ``unavailable_reasons``'."""
+    if CUDA_EXTENSION is not None:
+        return f"built ({Path(CUDA_EXTENSION.__file__).name})"
+    if importlib.util.find_spec(f"{__package__}._C") is not None:
+        return f"built, but {CUDA_EXTENSION_ERROR.removeprefix('the compiled extension simcse_fast._C ')}"
+    installation = _installation()
+    if installation == "wheel":
+        return (
+            "not built: installed from the wheel, which is pure Python; an install from source (pip install "
+            "--no-binary simcse-fast, or a checkout) builds it where nvcc is found"
+        )
+    if installation == "checkout":
+        return (
+            f"not built: {Path(__file__).resolve().parent} is a source checkout without a build in place "
+            "(pip install pybind11 && python setup.py build_ext --inplace builds it)"
+        )
+    nvcc = _find_nvcc()
+    if nvcc is None:
+        return (
+            "not built: installed from source, and there is no nvcc here (CUDA_HOME, CUDA_PATH, PATH): "
+            "the install builds it only with nvcc"
+        )
+    return (
+        f"not built: installed from source, and nvcc is here now ({nvcc}): the install ran without it, "
+        "with SIMCSE_FAST_BUILD_CUDA=0, or the compile failed (under the default SIMCSE_FAST_BUILD_CUDA=auto "
+        "that only warns); reinstall with SIMCSE_FAST_BUILD_CUDA=1 to build it or see nvcc's error"
+    )
+
+
 BACKEND_ENV_VAR = "SIMCSE_FAST_BACKEND"
 
 

@@ -3,7 +3,12 @@
 ``simcse-fast demo``: pools a random batch and scores it with InfoNCE, with every backend
 that runs here, checks each against the float64 reference and prints the error and the time
 of forward + backward.
-``simcse-fast info``: versions and available backends.
+``simcse-fast info``: versions, the compiled extension and the backends usable here.
+``simcse-fast train`` / ``eval``: SimCSE training and STS evaluation; ``bench``: the benchmark.
+
+Arguments are checked before PyTorch, Triton or transformers is imported (seconds on a cold
+machine): each command adds its options only when it runs, ``train``'s are checked by
+``TrainingConfig.validate`` (``simcse_fast.config``, no PyTorch), and errors name the flags.
 """
 
 from __future__ import annotations
@@ -13,30 +18,37 @@ import dataclasses
 import functools
 import os
 import platform
+import re
 import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+from . import __version__
+from .config import BACKENDS, POOLING_MODES, TRAINING_MAX_SEQ_LENGTH, TrainingConfig
 
-from . import __version__, _backends, available_backends, bench, functional, reference
-from ._backends import BACKENDS
-from .encoder import POOLING_MODES
-from .training import TRAINING_MAX_SEQ_LENGTH, TrainingConfig
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("bfloat16", "float16", "float32")
 TRAINING_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
 """``simcse-fast train``'s defaults are ``TrainingConfig``'s, so the two cannot drift apart."""
+USAGE_ERROR = 2
+"""The exit status of a command refused for its arguments (argparse's)."""
 
 
-def _synchronize(device: torch.device) -> None:
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _synchronize(device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _time_forward_backward(fn, leaves: list[torch.Tensor], grad_out: torch.Tensor, repeats: int) -> float:
+def _time_forward_backward(fn, leaves: list, grad_out, repeats: int) -> float:
     """Median wall-clock milliseconds of one forward + backward after one warm-up call."""
     times = []
     for attempt in range(repeats + 1):
@@ -49,9 +61,7 @@ def _time_forward_backward(fn, leaves: list[torch.Tensor], grad_out: torch.Tenso
     return statistics.median(times)
 
 
-def _demo_op(
-    name: str, ours, ref, inputs: list[torch.Tensor], grad_out: torch.Tensor, backends, repeats: int
-):
+def _demo_op(name: str, ours, ref, inputs: list, grad_out, backends, repeats: int):
     """Print, per backend, the largest error of the output and input gradients against the
     float64 reference, and the time of forward + backward."""
     inputs64 = [t.detach().double().requires_grad_() for t in inputs]
@@ -72,8 +82,12 @@ def _demo_op(
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import available_backends, functional, reference
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = DTYPES[args.dtype]
+    dtype = _dtype(args.dtype)
     generator = torch.Generator().manual_seed(args.seed)
 
     def randn(*shape):
@@ -141,6 +155,10 @@ def _gigabytes(text: str) -> float:
 def run_bench(args: argparse.Namespace) -> int:
     """``simcse-fast bench``: run the benchmark, print its table and wall time, write the
     results with ``--out``, and warn on stderr when the timings say the machine was busy."""
+    import torch
+
+    from . import bench
+
     ops = tuple(dict.fromkeys(part.strip() for part in args.ops.split(",") if part.strip()))
     unknown = [op for op in ops if op not in bench.OPS]
     if unknown or not ops:
@@ -153,7 +171,7 @@ def run_bench(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     document = bench.run_benchmark(
         ops=ops, preset=args.preset, sizes=args.sizes, device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None, min_repeats=args.repeats,
+        dtype=_dtype(args.dtype) if args.dtype else None, min_repeats=args.repeats,
         memory_budget_gb=args.memory_budget,
     )  # fmt: skip
     print()
@@ -174,9 +192,17 @@ def run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fail(message: str) -> int:
-    print(f"simcse-fast: error: {message}", file=sys.stderr)
-    return 1
+def _rank() -> int:
+    """This process's rank under torchrun (``RANK``), else 0."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _fail(message: str, code: int = 1) -> int:
+    """Print ``message`` as the command's error (once under torchrun: from rank 0, since every
+    process meets the same error) and return the exit status ``code``."""
+    if _rank() == 0:
+        print(f"simcse-fast: error: {message}", file=sys.stderr)
+    return code
 
 
 def _resume_command() -> str:
@@ -190,43 +216,75 @@ def _resume_command() -> str:
     return command
 
 
-def run_train(args: argparse.Namespace) -> int:
-    from .evaluation import EvaluationDataError
-    from .training import TrainingConfig, TrainingDataError, TrainingInterrupted, train
+def _missing_file(path: str | None) -> str | None:
+    """The error for an input file that does not exist, checked before the heavy imports."""
+    return None if path is None or Path(path).is_file() else f"{path}: no such file"
 
+
+def run_train(args: argparse.Namespace) -> int:
     options = {name: value for name, value in vars(args).items() if name not in ("command", "run")}
     options["show_progress_bar"] = not options.pop("no_progress")
+    config = TrainingConfig(**options)
     try:
-        config = TrainingConfig(**options)
-        config.validate()
+        config.validate(world_size=int(os.environ.get("WORLD_SIZE", "1")), flags=True)
+    except ValueError as error:
+        return _fail(str(error), USAGE_ERROR)
+    missing = _missing_file(config.sentences) or _missing_file(config.dev_sts)
+    if missing:
+        return _fail(missing)
+
+    from .evaluation import EvaluationDataError
+    from .training import TrainingDataError, TrainingInterrupted, format_loss, train
+
+    try:
         summary = train(config)
     except (TrainingDataError, EvaluationDataError, ValueError, FileNotFoundError) as error:
         return _fail(str(error))
     except OSError as error:
         return _fail(f"cannot load model {args.model!r}: {str(error).splitlines()[0]}")
     except TrainingInterrupted as stopped:
-        print(f"\nsimcse-fast: {stopped}; continue with:\n  {_resume_command()}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"\nsimcse-fast: {stopped}; continue with:\n  {_resume_command()}", file=sys.stderr)
         return stopped.exit_code
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue with:\n  {_resume_command()}", file=sys.stderr)
+        if _rank() == 0:
+            print(f"\ninterrupted; continue with:\n  {_resume_command()}", file=sys.stderr)
         return 130
     if summary["rank"] != 0:
         return 0  # under torchrun, rank 0 reports for all
-    best = "" if summary["best_dev"] is None else f", best dev Spearman x100 {summary['best_dev']:.2f}"
+    last = f"last loss {format_loss(summary['last_loss'])}"
+    if summary["already_complete"]:
+        print(
+            f"the run in {summary['output']} was already complete: {summary['steps']} steps, {last}; nothing "
+            "to train (a larger --max-steps or --epochs with --resume extends it)"
+        )
+    else:
+        print(f"trained {summary['steps']} steps, {last}")
+    if summary["best_dev"] is not None:
+        step = summary["best_dev_step"]
+        which = "step 0, the base model" if step == 0 else f"step {step}"
+        print(
+            f"best dev Spearman x100 {summary['best_dev']:.2f} ({which}), saved in "
+            f"{Path(summary['output']) / 'best'}"
+        )
     length = f"max_seq_length {summary['max_seq_length']} ({summary['max_seq_length_source']})"
-    print(f"trained {summary['steps']} steps, last loss {summary['last_loss']:.4f}{best}")
     print(f"model saved to {summary['output']} with {length}")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .encoder import SimCSE
+    missing = _missing_file(args.sts)
+    if missing:
+        return _fail(missing)
+
+    from .encoder import SimCSE, quiet_transformers
     from .evaluation import EvaluationDataError, evaluate_sts, read_sts_pairs
 
     try:
         pairs = read_sts_pairs(args.sts)
-        model = SimCSE(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
-                       backend=args.backend, device=args.device)  # fmt: skip
+        with quiet_transformers():
+            model = SimCSE(args.model, pooling=args.pooling, max_seq_length=args.max_seq_length,
+                           backend=args.backend, device=args.device)  # fmt: skip
     except EvaluationDataError as error:
         return _fail(str(error))
     except (OSError, ValueError) as error:
@@ -237,6 +295,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import _backends
+
     print(f"simcse_fast {__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}")
     try:
@@ -247,36 +309,49 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"triton unavailable: {error}")
     cuda = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     print(f"CUDA device: {cuda}")
-    print(f"available backends: {', '.join(available_backends())}")
+    print(f"compiled CUDA extension simcse_fast._C: {_backends.extension_build_status()}")
+    print(f"backends usable here: {', '.join(_backends.available_backends())}")
     for backend, reason in _backends.unavailable_reasons().items():
-        print(f"backend {backend!r} unavailable: {reason}")
+        print(f"backend {backend!r} unavailable here: {reason}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="simcse-fast",
-        description="Fused kernels for contrastive sentence-embedding training: check them (demo), "
-        "list versions and backends (info), benchmark them (bench), train SimCSE (train), evaluate (eval).",
-    )
-    parser.add_argument("--version", action="version", version=f"simcse_fast {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+def _positive_int(text: str) -> int:
+    """An option's value: a positive integer (argparse names the option in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
 
-    demo = commands.add_parser(
-        "demo", help="pool and score a random batch with every backend, check and time it"
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with any word that starts like a number taken as a value: ``--lr -1e-5`` then
+    reaches the option's check instead of failing as "expected one argument" (the matcher of
+    Python < 3.14 does not recognize exponents). No option of this command looks like a number."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
+
+
+def _demo_options(demo: argparse.ArgumentParser) -> None:
+    demo.add_argument("--batch", type=_positive_int, default=64, help="sequences (B), default 64")
+    demo.add_argument(
+        "--seq-len", type=_positive_int, default=128, help="tokens per sequence (L), default 128"
     )
-    demo.add_argument("--batch", type=int, default=64, help="sequences (B), default 64")
-    demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (L), default 128")
-    demo.add_argument("--hidden", type=int, default=384, help="hidden size (H), default 384")
-    demo.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    demo.add_argument("--hidden", type=_positive_int, default=384, help="hidden size (H), default 384")
+    demo.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     demo.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--repeats", type=int, default=10, help="timed repetitions, default 10")
+    demo.add_argument("--repeats", type=_positive_int, default=10, help="timed repetitions, default 10")
     demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(run=run_demo)
 
-    bench_parser = commands.add_parser(
-        "bench", help="time our ops and their peers, with the device's ceilings measured in the same run"
-    )
+
+def _bench_options(bench_parser: argparse.ArgumentParser) -> None:
+    from . import bench
+
     bench_parser.add_argument(
         "--ops", default=",".join(bench.OPS),
         help=f"op families, comma-separated, among {', '.join(bench.OPS)} (default: all)",
@@ -297,11 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="shapes instead of the preset's: BxLxH (pooling, packed), NxD (loss), comma-separated",
     )
     bench_parser.add_argument(
-        "--dtype", choices=sorted(DTYPES), help="default: bfloat16 on a GPU, float32 on a CPU"
+        "--dtype", choices=DTYPE_NAMES, help="default: bfloat16 on a GPU, float32 on a CPU"
     )
     bench_parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     bench_parser.add_argument(
-        "--repeats", type=int,
+        "--repeats", type=_positive_int,
         help="at least this many timed runs per pass (default: "
         f"{bench.MEASUREMENT['quick'][0]} with --quick, else {bench.MEASUREMENT['default'][0]})",
     )  # fmt: skip
@@ -311,11 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "half the available memory on a CPU)",
     )  # fmt: skip
     bench_parser.add_argument("--out", help="directory for results.json, results.md and PNG plots")
-    bench_parser.set_defaults(run=run_bench, preset="default")
+    bench_parser.set_defaults(preset="default")
 
-    train_parser = commands.add_parser(
-        "train", help="unsupervised SimCSE from a file of sentences (one per line)"
-    )
+
+def _train_options(train_parser: argparse.ArgumentParser) -> None:
     train_parser.add_argument("sentences", help="text file, one sentence per line (.gz works)")
 
     def training_option(name: str, **kwargs) -> None:
@@ -343,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     training_option(
         "resume", nargs="?", const=True, choices=[True, "auto"], metavar="auto",
         help="continue from the latest checkpoint in --output (an error if there is none); "
-        "--resume=auto starts a new run when there is none",
+        "--resume=auto starts a new run when there is none. A larger --max-steps or --epochs "
+        "extends a run: the learning rate restarts at --lr and decays to 0 at the new total",
     )  # fmt: skip
     training_option(
         "overwrite", action="store_true",
@@ -353,7 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     training_option("backend", choices=BACKENDS, help="(default: %(default)s)")
     training_option("min_chars", type=int, help="skip shorter lines (default: %(default)s)")
     training_option("mlp_head", action="store_true", help="SimCSE's Linear+tanh head, in training only")
-    training_option("dev_sts", help="STS Benchmark or SICK file: evaluate at each checkpoint, keep the best")
+    training_option(
+        "dev_sts",
+        help="STS Benchmark or SICK file: evaluate the starting model and each checkpoint, keep the best",
+    )
     training_option(
         "mini_batch_size", type=int,
         help="gradient caching: encode at most this many rows at a time (the loss sees the whole batch)",
@@ -364,33 +442,58 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     training_option("device", help="cpu or cuda (default: cuda when available)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    train_parser.set_defaults(run=run_train)
 
-    eval_parser = commands.add_parser("eval", help="Spearman x100 of cosine similarity on an STS file")
+
+def _eval_options(eval_parser: argparse.ArgumentParser) -> None:
     eval_parser.add_argument(
         "--model", required=True, help="SimCSE or sentence-transformers folder, or HF name"
     )
     eval_parser.add_argument("--sts", required=True, help="STS Benchmark or SICK file")
     eval_parser.add_argument("--pooling", choices=POOLING_MODES, help="default: the folder's")
-    eval_parser.add_argument("--max-seq-length", type=int, help="default: the folder's, else 32")
-    eval_parser.add_argument("--batch-size", type=int, default=64)
+    eval_parser.add_argument("--max-seq-length", type=_positive_int, help="default: the folder's, else 32")
+    eval_parser.add_argument("--batch-size", type=_positive_int, default=64)
     eval_parser.add_argument("--backend", choices=BACKENDS, help="default: SIMCSE_FAST_BACKEND, else auto")
     eval_parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     eval_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    eval_parser.set_defaults(run=run_eval)
 
-    info = commands.add_parser("info", help="versions and available backends")
-    info.set_defaults(run=run_info)
+
+COMMANDS = {
+    "demo": ("pool and score a random batch with every backend, check and time it", _demo_options, run_demo),
+    "bench": (
+        "time our ops and their peers, with the device's ceilings measured in the same run",
+        _bench_options,
+        run_bench,
+    ),
+    "train": ("unsupervised SimCSE from a file of sentences (one per line)", _train_options, run_train),
+    "eval": ("Spearman x100 of cosine similarity on an STS file", _eval_options, run_eval),
+    "info": ("versions, the compiled extension and the backends usable here", lambda parser: None, run_info),
+}
+"""Each command: its help line, the function that adds its options, the function that runs it."""
+
+
+def build_parser(commands=tuple(COMMANDS)) -> argparse.ArgumentParser:
+    """The parser of every command, with the options of those in ``commands`` (adding
+    ``bench``'s imports PyTorch, so ``main`` adds only the command it runs)."""
+    parser = _Parser(
+        prog="simcse-fast",
+        description="Fused kernels for contrastive sentence-embedding training: check them (demo), "
+        "list versions and backends (info), benchmark them (bench), train SimCSE (train), evaluate (eval).",
+    )
+    parser.add_argument("--version", action="version", version=f"simcse_fast {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for name, (help_line, add_options, run) in COMMANDS.items():
+        command = subparsers.add_parser(name, help=help_line)
+        command.set_defaults(run=run)
+        if name in commands:
+            add_options(command)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    for name in ("batch", "seq_len", "hidden", "repeats"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            print(f"simcse-fast: error: --{name.replace('_', '-')} must be at least 1", file=sys.stderr)
-            return 2
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The command is the first word that is not an option: the top level has no valued options.
+    command = next((word for word in argv if not word.startswith("-")), None)
+    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     return args.run(args)
 
 

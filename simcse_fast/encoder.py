@@ -13,6 +13,7 @@ head of the official SimCSE (``Linear(H, H)`` then ``tanh``) is applied in train
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -21,8 +22,8 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .config import POOLING_MODES
 
-POOLING_MODES = ("mean", "max", "cls")
 _ST_POOLING_KEYS = {
     "mean": "pooling_mode_mean_tokens",
     "max": "pooling_mode_max_tokens",
@@ -94,6 +95,23 @@ def _sequence_limit(tokenizer, encoder) -> int:
         return limit
     positions = getattr(encoder.config, "max_position_embeddings", None)
     return positions if isinstance(positions, int) and positions > 0 else 512
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No "Loading weights" / "Writing model shards" bars from transformers between ours."""
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        yield
+        return
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 class SimCSE(nn.Module):
@@ -240,9 +258,10 @@ class SimCSE(nn.Module):
 
     def save(self, folder: str | Path) -> Path:
         """Write a sentence-transformers folder (encoder and tokenizer at the top,
-        ``modules.json``, ``sentence_bert_config.json``, ``1_Pooling/config.json`` and a
-        Normalize module if the model normalizes): plain sentence-transformers and ``SimCSE``
-        both load it. The training-only MLP head is not saved."""
+        ``modules.json``, ``sentence_bert_config.json``, ``config_sentence_transformers.json``,
+        ``1_Pooling/config.json``, a Normalize module if the model normalizes, and a short
+        ``README.md`` unless one is there): plain sentence-transformers and ``SimCSE`` both load
+        it. The training-only MLP head is not saved."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(folder)
@@ -271,4 +290,15 @@ class SimCSE(nn.Module):
         pooling_config.update({key: self.pooling == mode for mode, key in _ST_POOLING_KEYS.items()})
         (folder / "1_Pooling").mkdir(exist_ok=True)
         (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2) + "\n")
+        # The files sentence-transformers looks for besides: where one is missing, releases before
+        # 5 ask the hub for it when the folder's path could be a hub name ("simcse-model").
+        model_config = {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"}
+        (folder / "config_sentence_transformers.json").write_text(json.dumps(model_config, indent=2) + "\n")
+        card = folder / "README.md"
+        if not card.exists():
+            card.write_text(
+                "# Sentence embeddings\n\nA sentence-transformers model saved by simcse_fast "
+                f"({self.pooling} pooling, max_seq_length {self.max_seq_length}). Load it with "
+                "`sentence_transformers.SentenceTransformer(path)` or `simcse_fast.SimCSE(path)`.\n"
+            )
         return folder

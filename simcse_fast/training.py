@@ -7,9 +7,13 @@ dropout gives the two views in one forward pass (the official SimCSE trick); row
 AdamW with linear warm-up and decay, gradient clipping, bf16 autocast on GPUs that support it.
 
 Checkpoints (every ``checkpoint_steps``, in ``OUTPUT/checkpoints/step-N``) hold the model,
-optimizer, scheduler, every random state and the data position; ``resume=True`` continues from
-the latest, and the run then ends with the same weights as an uninterrupted one. The data order
-of epoch ``e`` is a permutation seeded by ``seed + e``, so the position is (epoch, batch).
+optimizer, scheduler and its schedule, every random state, the data position and the last loss;
+``resume=True`` continues from the latest, and the run then ends with the same weights as an
+uninterrupted one. A larger ``epochs`` or ``max_steps`` on resume extends the run
+(:func:`resumed_schedule`). The data order of epoch ``e`` is a permutation seeded by
+``seed + e``, so the position is (epoch, batch). Nothing is written to ``OUTPUT`` until the data
+and the model have loaded. With ``dev_sts`` the starting model (step 0) and each checkpoint are
+evaluated at the sequence length the saved models keep, the best in ``OUTPUT/best``.
 """
 
 from __future__ import annotations
@@ -35,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from . import functional
-from .encoder import SimCSE
+from .config import TRAINING_MAX_SEQ_LENGTH, TrainingConfig
+from .encoder import SimCSE, quiet_transformers
 from .evaluation import evaluate_sts, read_sts_pairs
 
 CHECKPOINT_FILE = "training_state.pt"
@@ -43,78 +48,20 @@ RUN_FILE = "simcse_fast_run.json"
 """Written into the output folder when a run starts: its settings and data, so that another run
 is never mixed into it and ``--resume`` can check what it continues."""
 DEV_SCORES_FILE = "dev_scores.json"
-DEFAULT_MODEL = "distilroberta-base"
-TRAINING_MAX_SEQ_LENGTH = 32
-"""Tokens per sentence in training unless ``max_seq_length`` is given (SimCSE's setting); the
-saved model keeps the base model's length then."""
 RESULT_SETTINGS = (
     "model", "batch_size", "max_seq_length", "pooling", "epochs", "max_steps", "lr", "temperature",
     "warmup_ratio", "weight_decay", "max_grad_norm", "seed", "min_chars", "mlp_head", "mini_batch_size",
     "mini_batch_tokens",
 )  # fmt: skip
-"""The settings that change the trained weights (with the data): ``--resume`` must match them."""
+"""The settings that change the trained weights (with the data): ``--resume`` must match them,
+except ``EXTENSIBLE_SETTINGS``."""
+EXTENSIBLE_SETTINGS = ("epochs", "max_steps")
+"""What ``--resume`` may change: the run's length. A longer run continues from the checkpoint
+with the learning-rate rule of :func:`resumed_schedule`; a shorter one is refused."""
 
 
 class TrainingDataError(ValueError):
     """A sentences file that is missing, unreadable or has too few usable lines."""
-
-
-@dataclasses.dataclass
-class TrainingConfig:
-    """Everything a run depends on; saved in each checkpoint."""
-
-    sentences: str
-    output: str
-    model: str = DEFAULT_MODEL
-    batch_size: int = 128
-    max_seq_length: int | None = None
-    pooling: str = "mean"
-    epochs: int = 1
-    max_steps: int | None = None
-    lr: float = 5e-5
-    temperature: float = 0.05
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    checkpoint_steps: int = 500
-    keep_checkpoints: int = 2
-    resume: bool | str = False
-    overwrite: bool = False
-    seed: int = 0
-    backend: str = "auto"
-    min_chars: int = 10
-    mlp_head: bool = False
-    dev_sts: str | None = None
-    device: str | None = None
-    show_progress_bar: bool = True
-    mini_batch_size: int | None = None
-    mini_batch_tokens: int | None = None
-
-    def validate(self) -> None:
-        positive = ("batch_size", "epochs", "checkpoint_steps", "keep_checkpoints")
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer; got {getattr(self, name)!r}")
-        if self.batch_size < 2:
-            raise ValueError(
-                "batch_size must be at least 2: the other sentences of a batch are the negatives"
-            )
-        for name in ("max_steps", "mini_batch_size", "mini_batch_tokens", "max_seq_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be positive; got {self.temperature!r}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be positive; got {self.lr!r}")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"warmup_ratio must be in [0, 1); got {self.warmup_ratio!r}")
-        if self.resume not in (True, False, "auto"):
-            raise ValueError(f"resume must be True, False or 'auto'; got {self.resume!r}")
-        if self.resume and self.overwrite:
-            raise ValueError(
-                "--resume continues the run in the output folder and --overwrite deletes it; pick one"
-            )
 
 
 def read_sentences(path: str | Path, min_chars: int = 10) -> list[str]:
@@ -137,13 +84,49 @@ def read_sentences(path: str | Path, min_chars: int = 10) -> list[str]:
     return kept
 
 
-def _linear_schedule(warmup_steps: int, total_steps: int):
+def planned_steps(epochs: int, max_steps: int | None, steps_per_epoch: int) -> int:
+    """A run's length in optimizer steps: ``epochs`` passes over the data, at most ``max_steps``."""
+    total = epochs * steps_per_epoch
+    return total if max_steps is None else min(total, max_steps)
+
+
+def _linear_schedule(warmup_steps: int, total_steps: int, restart_step: int = 0):
+    """The learning-rate factor of each step: linear warm-up over ``warmup_steps``, then linear
+    decay from 1 to 0 at ``total_steps``, starting at the later of the warm-up's end and
+    ``restart_step`` (where an extended run restarts its decay: :func:`resumed_schedule`)."""
+    decay_start = max(warmup_steps, restart_step)
+
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / (warmup_steps + 1)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return max(0.0, (total_steps - step) / max(1, total_steps - decay_start))
 
     return factor
+
+
+def new_schedule(config: TrainingConfig, total_steps: int) -> dict:
+    """The learning-rate schedule of a new run (the arguments of ``_linear_schedule``)."""
+    warmup_steps = int(config.warmup_ratio * total_steps)
+    return {"warmup_steps": warmup_steps, "total_steps": total_steps, "restart_step": 0}
+
+
+def resumed_schedule(saved: dict, step: int, total_steps: int, output: Path) -> dict:
+    """The schedule of a run resumed at ``step``, which the saved schedule ``saved`` planned for
+    ``saved["total_steps"]`` steps. Unchanged when the run keeps its length (the resumed run then
+    ends with an uninterrupted run's weights). A longer run (a larger ``--max-steps`` or
+    ``--epochs``) restarts its decay at ``step``: the learning rate goes back to ``--lr`` there (no
+    second warm-up; an unfinished one completes first) and decays linearly to 0 at the new total.
+    A shorter run is refused (``ValueError``)."""
+    planned = saved["total_steps"]
+    if total_steps == planned:
+        return saved
+    if total_steps < planned:
+        raise ValueError(
+            f"--resume: the run in {output} is planned for {planned} steps and has done {step}; --epochs "
+            f"and --max-steps give {total_steps} now. Resume with settings that give at least {planned} "
+            "steps (more extend the run)"
+        )
+    return {"warmup_steps": saved["warmup_steps"], "total_steps": total_steps, "restart_step": step}
 
 
 def _random_states() -> dict:
@@ -196,12 +179,12 @@ def run_identity(config: TrainingConfig) -> dict:
             "data": data_identity(config.sentences)}  # fmt: skip
 
 
-def _differences(saved: dict, current: dict) -> list[str]:
-    """Human-readable differences between two run identities."""
+def _differences(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """Human-readable differences between two run identities, except the settings ``ignore``."""
     found = []
     for name in RESULT_SETTINGS:
         before, now = saved["settings"].get(name), current["settings"][name]
-        if before != now:
+        if before != now and name not in ignore:
             found.append(f"{name} ({before!r} there, {now!r} now)")
     data_before, data_now = saved["data"], current["data"]
     if data_before["path"] != data_now["path"]:
@@ -225,43 +208,63 @@ def _write_json_atomically(path: Path, value) -> None:
     partial.replace(path)
 
 
-def prepare_output(config: TrainingConfig, checkpoint: Path | None) -> None:
-    """Refuse to mix runs in one folder. A new run needs an empty (or missing) ``output``, or
-    ``overwrite`` and a folder that holds a simcse-fast run (which is then deleted first: never
-    a folder of something else). A resumed run must have the settings and data of the run it
-    continues. Raises ``ValueError`` naming each difference."""
+def check_output(config: TrainingConfig, checkpoint: Path | None) -> bool:
+    """Refuse to mix runs in one folder; writes nothing (:func:`record_run` does, once the run
+    can start). A new run needs an empty (or missing) ``output``, or ``overwrite`` and a folder
+    that holds a simcse-fast run (never a folder of something else). A resumed run must have the
+    settings and data of the run it continues, except its length (``EXTENSIBLE_SETTINGS``).
+    Raises ``ValueError`` naming each difference; returns whether the folder holds a run that
+    the new one replaces: with ``overwrite``, or with ``resume="auto"`` a run of the same settings
+    that stopped before its first checkpoint (there is nothing to continue)."""
     output = Path(config.output)
     current = run_identity(config)
     saved = _read_run_file(output)
     if checkpoint is not None:
-        differences = _differences(saved, current) if saved is not None else []
+        differences = _differences(saved, current, EXTENSIBLE_SETTINGS) if saved is not None else []
         if differences:
             raise ValueError(
                 f"--resume: {output} holds a run with other settings or data: {'; '.join(differences)}. "
                 "Resume with the same ones, or start a new run with --overwrite or another --output"
             )
-        return
-    if output.exists() and any(output.iterdir()):
-        ours = saved is not None or latest_checkpoint(output) is not None
-        if config.overwrite and ours:
-            shutil.rmtree(output)
-        elif config.overwrite:
-            raise ValueError(
-                f"--overwrite: {output} is not empty and holds no simcse-fast run (no {RUN_FILE}); "
-                "refusing to delete it: choose another --output"
-            )
-        else:
-            differences = _differences(saved, current) if saved is not None else None
-            if differences:
-                what = "another run (" + "; ".join(differences) + ")"
-            else:
-                what = "a run with these settings" if saved is not None else "files of something else"
-            raise ValueError(
-                f"{output} holds {what}: continue it with --resume, replace it with --overwrite, "
-                "or choose another --output"
-            )
+        return False
+    if not (output.exists() and any(output.iterdir())):
+        return False
+    has_checkpoint = latest_checkpoint(output) is not None
+    if config.overwrite:
+        if saved is not None or has_checkpoint:
+            return True
+        raise ValueError(
+            f"--overwrite: {output} is not empty and holds no simcse-fast run (no {RUN_FILE}); "
+            "refusing to delete it: choose another --output"
+        )
+    differences = _differences(saved, current) if saved is not None else None
+    if differences:
+        what = "another run (" + "; ".join(differences) + ")"
+    elif saved is None:
+        what = "files of something else"
+    elif not has_checkpoint:
+        if config.resume == "auto":
+            return True
+        raise ValueError(
+            f"{output} holds a run with these settings that stopped before its first checkpoint: start "
+            "it over with --resume=auto or --overwrite, or choose another --output"
+        )
+    else:
+        what = "a run with these settings"
+    raise ValueError(
+        f"{output} holds {what}: continue it with --resume, replace it with --overwrite, "
+        "or choose another --output"
+    )
+
+
+def record_run(config: TrainingConfig, replace: bool) -> None:
+    """Record the run in its output folder (its settings and data, ``RUN_FILE``), deleting the
+    run it replaces first (``replace``, from :func:`check_output`)."""
+    output = Path(config.output)
+    if replace:
+        shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
-    _write_json_atomically(output / RUN_FILE, current)
+    _write_json_atomically(output / RUN_FILE, run_identity(config))
 
 
 def latest_checkpoint(output: str | Path) -> Path | None:
@@ -394,7 +397,7 @@ def train(config: TrainingConfig) -> dict:
     config.validate()
     rank, world, device, created = _init_distributed(config)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return _train(config, rank, world, device)
     finally:
         if created:
@@ -404,31 +407,20 @@ def train(config: TrainingConfig) -> dict:
 def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     from tqdm.auto import tqdm
 
-    if config.batch_size % world:
-        raise ValueError(
-            f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({world})"
-        )
+    config.validate(world_size=world)
     sentences = read_sentences(config.sentences, config.min_chars)
     dev_pairs = read_sts_pairs(config.dev_sts) if config.dev_sts else None
     output = Path(config.output)
-    checkpoint = latest_checkpoint(output) if config.resume else None
-    if config.resume is True and checkpoint is None:
-        raise ValueError(
-            f"--resume: no checkpoint in {output / 'checkpoints'}; use --resume=auto to start a new run "
-            "when there is none"
-        )
-    if config.resume == "auto" and checkpoint is None and rank == 0:
-        print(f"simcse-fast: no checkpoint in {output / 'checkpoints'}, starting a new run", file=sys.stderr)
-    if rank == 0:
-        prepare_output(config, checkpoint)
+    steps_per_epoch = math.ceil(len(sentences) / config.batch_size)
+    total_steps = planned_steps(config.epochs, config.max_steps, steps_per_epoch)
+    checkpoint, saved = _find_checkpoint(config, rank, world)
+    schedule = new_schedule(config, total_steps)
+    if saved is not None:
+        saved_schedule = _saved_schedule(saved, steps_per_epoch)
+        schedule = resumed_schedule(saved_schedule, saved["position"]["step"], total_steps, output)
+    replace = check_output(config, checkpoint)
     if world > 1:
-        dist.barrier()
-    saved = load_checkpoint(checkpoint) if checkpoint else None
-    if saved is not None and len(saved["random_states"]) != world:
-        raise ValueError(
-            f"--resume: the checkpoint in {checkpoint} was made by {len(saved['random_states'])} "
-            f"process(es), this run has {world}; resume with the same --nproc_per_node"
-        )
+        dist.barrier()  # every process has checked the folder before rank 0 writes to it
 
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002
@@ -437,23 +429,28 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
         config.model, pooling=config.pooling, max_seq_length=config.max_seq_length or TRAINING_MAX_SEQ_LENGTH,
         mlp_head=config.mlp_head, backend=config.backend, device=device,
     )  # fmt: skip
+    # Recorded only now that data and model are loaded: a start that fails leaves the folder as it was.
+    if rank == 0:
+        record_run(config, replace)
+    if world > 1:
+        dist.barrier()
     # Each process draws its own dropout masks; rank 0 draws what a single process would.
     torch.manual_seed(config.seed + rank)
-    steps_per_epoch = math.ceil(len(sentences) / config.batch_size)
-    total_steps = config.epochs * steps_per_epoch
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    warmup_steps = int(config.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(warmup_steps, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(**schedule))
     position = {"epoch": 0, "batch": 0, "step": 0}
-    best_dev = None
+    last_loss, best_dev = float("nan"), None
     if saved is not None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
-        position, best_dev = dict(saved["position"]), _best_dev_until(output, saved["position"]["step"])
+        position = dict(saved["position"])
+        last_loss, best_dev = saved.get("last_loss", last_loss), _best_dev_until(output, position["step"])
         _restore_random_states(saved["random_states"][rank])
+        if schedule != saved_schedule:
+            _restart_decay(optimizer, scheduler, schedule, position["step"], rank, output)
+    already_complete = saved is not None and position["step"] >= total_steps
+    saved_length = config.max_seq_length or model.base_max_seq_length
     use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
     model.train()
     network = model
@@ -474,9 +471,16 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
             gather_across_devices=world > 1,
         )  # fmt: skip
 
-    last_loss = float("nan")
+    def evaluate(step):
+        return _evaluate_dev(model, dev_pairs, step, best_dev, saved_length, config, bar, rank, world)
+
     bar = tqdm(total=total_steps, initial=position["step"], desc="SimCSE", unit="step",
                disable=not config.show_progress_bar or rank != 0)  # fmt: skip
+    # The starting model competes for "best" too; a resumed run evaluates its starting checkpoint
+    # if a stop came between that checkpoint and its evaluation.
+    evaluated_there = position["step"] in (0, total_steps) or position["step"] % config.checkpoint_steps == 0
+    if evaluated_there and not _dev_score_recorded(output, position["step"]):
+        best_dev = evaluate(position["step"])
     started, trained_sentences = time.perf_counter(), 0
     with _StopRequests() as stop:
         while position["step"] < total_steps:
@@ -518,7 +522,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
                 last_loss = loss.item()
                 trained_sentences += usable
                 rate = trained_sentences / (time.perf_counter() - started)
-                postfix = {"loss": f"{last_loss:.4f}", "sentences_per_s": f"{rate:.1f}"}
+                postfix = {"loss": format_loss(last_loss), "sentences_per_s": f"{rate:.1f}"}
                 if model.device.type == "cuda":
                     postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB"
                 bar.set_postfix(postfix)
@@ -526,26 +530,97 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
                 signal_name = stop.requested(world)
                 scheduled = position["step"] % config.checkpoint_steps == 0 or position["step"] == total_steps
                 if scheduled or signal_name:
-                    state = (model, optimizer, scheduler, position)
-                    folder = _checkpoint(state, config, rank, world)
+                    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scheduler": scheduler.state_dict(), "schedule": schedule,
+                             "last_loss": last_loss}  # fmt: skip
+                    folder = _checkpoint(state, position, config, rank, world)
                     if signal_name:
                         bar.close()
                         raise TrainingInterrupted(signal_name, position["step"], folder)
-                    best_dev = _evaluate_dev(
-                        model, dev_pairs, position["step"], best_dev, config, bar, rank, world
-                    )
+                    best_dev = evaluate(position["step"])
             if position["batch"] >= steps_per_epoch:
                 position = {"epoch": position["epoch"] + 1, "batch": 0, "step": position["step"]}
         bar.close()
-        saved_length = config.max_seq_length or model.base_max_seq_length
         if rank == 0:
-            model.max_seq_length = saved_length
-            model.save(output)
+            _save_model(model, output, saved_length)
     if world > 1:
         dist.barrier()
-    return {"steps": position["step"], "last_loss": last_loss, "best_dev": best_dev, "output": str(output),
-            "rank": rank, "max_seq_length": saved_length,
+    return {"steps": position["step"], "last_loss": last_loss, "output": str(output), "rank": rank,
+            "best_dev": None if best_dev is None else best_dev["score"],
+            "best_dev_step": None if best_dev is None else best_dev["step"],
+            "already_complete": already_complete, "max_seq_length": saved_length,
             "max_seq_length_source": "chosen" if config.max_seq_length else "the base model's"}  # fmt: skip
+
+
+def format_loss(loss: float) -> str:
+    """Four significant digits: SimCSE's loss falls to 1e-4..1e-2, which fixed decimals print as 0."""
+    return f"{loss:.4g}"
+
+
+def _find_checkpoint(config: TrainingConfig, rank: int, world: int) -> tuple[Path | None, dict | None]:
+    """The checkpoint a run continues (``resume``) and its state, or ``(None, None)``."""
+    output = Path(config.output)
+    checkpoint = latest_checkpoint(output) if config.resume else None
+    if config.resume is True and checkpoint is None:
+        raise ValueError(
+            f"--resume: no checkpoint in {output / 'checkpoints'}; use --resume=auto to start a new run "
+            "when there is none"
+        )
+    if checkpoint is None:
+        if config.resume == "auto" and rank == 0:
+            print(f"simcse-fast: no checkpoint in {output / 'checkpoints'}, starting a new run",
+                  file=sys.stderr)  # fmt: skip
+        return None, None
+    saved = load_checkpoint(checkpoint)
+    if len(saved["random_states"]) != world:
+        raise ValueError(
+            f"--resume: the checkpoint in {checkpoint} was made by {len(saved['random_states'])} "
+            f"process(es), this run has {world}; resume with the same --nproc_per_node"
+        )
+    return checkpoint, saved
+
+
+def _saved_schedule(saved: dict, steps_per_epoch: int) -> dict:
+    """The schedule a checkpoint was trained with (recomputed from its settings when it predates
+    the ``schedule`` entry)."""
+    if "schedule" in saved:
+        return dict(saved["schedule"])
+    settings = saved["config"]
+    total = planned_steps(settings["epochs"], settings["max_steps"], steps_per_epoch)
+    return {"warmup_steps": int(settings["warmup_ratio"] * total), "total_steps": total, "restart_step": 0}
+
+
+def _restart_decay(optimizer, scheduler, schedule: dict, step: int, rank: int, output: Path) -> None:
+    """Put an extended run's learning rate on its new schedule at the resume ``step`` (the
+    optimizer's saved learning rate is the old schedule's, 0 for a finished run) and say so."""
+    factor = _linear_schedule(**schedule)(step)
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        group["lr"] = base * factor
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what get_last_lr() reports
+    if rank == 0:
+        start = max(schedule["warmup_steps"], step)
+        print(
+            f"simcse-fast: extending the run in {output} to {schedule['total_steps']} steps from step "
+            f"{step}: the learning rate decays linearly from {scheduler.base_lrs[0]:g} at step {start} to 0 "
+            f"at step {schedule['total_steps']}",
+            file=sys.stderr,
+        )
+
+
+@contextlib.contextmanager
+def _sequence_length(model: SimCSE, length: int):
+    """``model`` truncating at ``length`` tokens for the duration: as it is saved and evaluated."""
+    training_length, model.max_seq_length = model.max_seq_length, length
+    try:
+        yield model
+    finally:
+        model.max_seq_length = training_length
+
+
+def _save_model(model: SimCSE, folder: Path, length: int) -> None:
+    """Save ``model`` as every saved model of a run is (final, best): truncating at ``length``."""
+    with _sequence_length(model, length):
+        model.save(folder)
 
 
 class TrainingInterrupted(Exception):
@@ -590,31 +665,22 @@ class _StopRequests:
         return {0: None, 1: "SIGINT", 2: "SIGTERM"}[int(flag)]
 
 
-@contextlib.contextmanager
-def _quiet_transformers():
-    """No "Loading weights" / "Writing model shards" bars from transformers between ours."""
+def _dev_score_recorded(output: Path, step: int) -> bool:
     try:
-        from transformers.utils import logging as transformers_logging
-    except ImportError:
-        yield
-        return
-    enabled = transformers_logging.is_progress_bar_enabled()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            transformers_logging.enable_progress_bar()
+        return any(entry["step"] == step for entry in json.loads((output / DEV_SCORES_FILE).read_text()))
+    except (OSError, ValueError):
+        return False
 
 
-def _best_dev_until(output: Path, step: int) -> float | None:
-    """The best dev score recorded up to ``step`` (a resumed run forgets later ones)."""
+def _best_dev_until(output: Path, step: int) -> dict | None:
+    """The best dev evaluation (``{"step", "score"}``) recorded up to ``step`` (a resumed run
+    forgets later ones)."""
     try:
         scores = json.loads((output / DEV_SCORES_FILE).read_text())
     except (OSError, ValueError):
         return None
-    kept = [entry["score"] for entry in scores if entry["step"] <= step]
-    return max(kept) if kept else None
+    kept = [entry for entry in scores if entry["step"] <= step]
+    return max(kept, key=lambda entry: entry["score"]) if kept else None
 
 
 def load_checkpoint(folder: Path) -> dict:
@@ -629,9 +695,9 @@ def load_checkpoint(folder: Path) -> dict:
         ) from None
 
 
-def _checkpoint(state, config: TrainingConfig, rank: int, world: int) -> Path:
-    """An atomic checkpoint holding every process's random states; returns its folder."""
-    model, optimizer, scheduler, position = state
+def _checkpoint(state: dict, position: dict, config: TrainingConfig, rank: int, world: int) -> Path:
+    """An atomic checkpoint of ``state`` (model, optimizer, scheduler, schedule, last loss) with
+    the data position and every process's random states; returns its folder."""
     folder = Path(config.output) / "checkpoints" / f"step-{position['step']}"
     random_states = [_random_states()]
     if world > 1:
@@ -640,30 +706,33 @@ def _checkpoint(state, config: TrainingConfig, rank: int, world: int) -> Path:
     if rank == 0:
         _save_checkpoint(
             folder,
-            {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "random_states": random_states,
-             "position": dict(position), "config": dataclasses.asdict(config)},
+            {**state, "random_states": random_states, "position": dict(position),
+             "config": dataclasses.asdict(config)},
             config.keep_checkpoints,
         )  # fmt: skip
     return folder
 
 
-def _evaluate_dev(model, dev_pairs, step, best_dev, config, bar, rank, world):
-    """Dev evaluation after a checkpoint (rank 0): one line per evaluation, the best model kept
-    in ``output/best``, every score in ``dev_scores.json``; returns the best score so far."""
+def _evaluate_dev(model, dev_pairs, step, best_dev, length, config, bar, rank, world) -> dict | None:
+    """Dev evaluation at ``step`` (rank 0), at the sequence ``length`` the saved models use so that
+    the score is the one ``simcse-fast eval`` gives the saved model: one line per evaluation, the
+    best model (the starting one included, at step 0) kept in ``output/best``, every score in
+    ``dev_scores.json``. Returns the best evaluation so far, ``{"step", "score"}``."""
     if dev_pairs is None:
         return best_dev
     output = Path(config.output)
     if rank == 0:
         bar.set_postfix_str(f"step {step}: evaluating on dev", refresh=True)
-        score = evaluate_sts(model, dev_pairs)
-        bar.write(f"step {step}: dev Spearman x100 = {score:.2f}")
+        with _sequence_length(model, length):
+            score = evaluate_sts(model, dev_pairs)
+        what = f"step {step}" if step else f"step 0 (the base model, at max_seq_length {length} as saved)"
+        bar.write(f"{what}: dev Spearman x100 = {score:.2f}")
         scores_file = output / DEV_SCORES_FILE
         scores = json.loads(scores_file.read_text()) if scores_file.exists() else []
         _write_json_atomically(output / DEV_SCORES_FILE, [*scores, {"step": step, "score": score}])
-        if best_dev is None or score > best_dev:
-            best_dev = score
-            model.save(output / "best")
+        if best_dev is None or score > best_dev["score"]:
+            best_dev = {"step": step, "score": score}
+            _save_model(model, output / "best", length)
     if world > 1:
         shared = [best_dev]
         dist.broadcast_object_list(shared, src=0)

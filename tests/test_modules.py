@@ -4,10 +4,9 @@ clamped like CLIP's, bad arguments are refused by name."""
 from __future__ import annotations
 
 import math
-import re
-from pathlib import Path
 
 import pytest
+import readme
 import torch
 from inputs import SENTENCES
 
@@ -78,13 +77,6 @@ def test_bad_arguments(kwargs, error, message):
         sf.InfoNCELoss(**kwargs)
 
 
-def readme_block(containing: str) -> str:
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
-    (block,) = [block for block in blocks if containing in block]
-    return block
-
-
 def tiny_encoder(tiny_bert_dir):
     transformers = pytest.importorskip("transformers")
     return transformers.AutoModel.from_pretrained(tiny_bert_dir), transformers.AutoTokenizer.from_pretrained(
@@ -93,26 +85,23 @@ def tiny_encoder(tiny_bert_dir):
 
 
 def test_readme_training_loop_runs(tiny_bert_dir):
-    encoder, tokenizer = tiny_encoder(tiny_bert_dir)
-
-    def encode(features):
-        hidden = encoder(**features).last_hidden_state
-        return sf.masked_mean_pool(hidden, features["attention_mask"])
-
-    def tokenized(sentences):
-        return tokenizer(sentences, padding=True, return_tensors="pt")
-
+    """The README's own training loop, with a SimCSE encoder (tokenized batch -> embeddings) and
+    two batches as the stand-ins it assumes."""
+    encoder = sf.SimCSE(str(tiny_bert_dir), device="cpu")
+    before = [p.detach().clone() for p in encoder.parameters()]
     loader = [
-        (tokenized(SENTENCES[:4]), tokenized(SENTENCES[4:])),
-        (tokenized(SENTENCES[::2]), tokenized(SENTENCES[1::2])),
+        (encoder.tokenize(SENTENCES[:4]), encoder.tokenize(SENTENCES[4:])),
+        (encoder.tokenize(SENTENCES[::2]), encoder.tokenize(SENTENCES[1::2])),
     ]
-    block = readme_block("for queries, documents in loader").replace('.to("cuda")', "")
-    namespace = {"encoder": encoder, "encode": encode, "loader": loader}
-    exec(block, namespace)
+    namespace = readme.run_python(
+        "own-training-loop", {'.to("cuda")': '.to("cpu")'}, {"encoder": encoder, "loader": loader}
+    )
     assert (
         namespace["loss"].isfinite() and namespace["criterion"].log_scale.grad is None
     )  # zeroed after the step
     assert namespace["criterion"].scale.item() != pytest.approx(20.0)  # the scale was trained
+    changed = [not torch.equal(b, p) for b, p in zip(before, encoder.parameters(), strict=True)]
+    assert sum(changed) > len(changed) // 2
 
 
 def test_readme_trainer_override_runs(tiny_bert_dir, tmp_path):
@@ -123,8 +112,7 @@ def test_readme_trainer_override_runs(tiny_bert_dir, tmp_path):
     for prefix, sentences in (("anchor_", SENTENCES), ("positive_", SENTENCES[::-1])):
         tokens = tokenizer(sentences, padding="max_length", max_length=12)
         columns.update({prefix + key: value for key, value in tokens.items()})
-    namespace = {}
-    exec(readme_block("class ContrastiveTrainer"), namespace)
+    namespace = readme.run_python("hf-trainer")
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], use_cpu=True,
         remove_unused_columns=False, save_strategy="no", logging_steps=1,

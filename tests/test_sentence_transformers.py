@@ -4,8 +4,10 @@ classes for every option, Pooling equal to theirs, training with only the import
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import itertools
+import pydoc
 import sys
 import warnings
 
@@ -15,9 +17,9 @@ import torch
 pytest.importorskip("sentence_transformers")
 transformers = pytest.importorskip("transformers")
 
+import readme  # noqa: E402
 from inputs import SENTENCES, assert_within_eager, cpu_backends  # noqa: E402
-from sentence_transformers import InputExample, SentenceTransformer  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
+from sentence_transformers import SentenceTransformer  # noqa: E402
 
 from simcse_fast.sentence_transformers import losses, models  # noqa: E402
 from simcse_fast.sentence_transformers._compat import st_losses, st_modules  # noqa: E402
@@ -160,6 +162,121 @@ def test_unfusable_options_fall_back_with_one_warning(options, reason, generator
         warnings.simplefilter("error")
         loss_and_grads(ours, columns)  # no second warning
     torch.testing.assert_close(value, loss_and_grads(theirs, columns)[0])
+
+
+FUSED_NAMES = {
+    "models": ("Pooling",),
+    "losses": (
+        "MultipleNegativesRankingLoss",
+        "MultipleNegativesSymmetricRankingLoss",
+        "CachedMultipleNegativesRankingLoss",
+        "GISTEmbedLoss",
+        "CachedGISTEmbedLoss",
+    ),
+}
+THEIR_PATHS = {
+    "models": ("sentence_transformers.models", "sentence_transformers.sentence_transformer.modules"),
+    "losses": ("sentence_transformers.losses", "sentence_transformers.sentence_transformer.losses"),
+}
+
+
+def their_modules(kind: str) -> list:
+    """sentence-transformers' modules of ``kind`` on this release: the classic path and, from
+    5.4, the new one (the classic one then warns that it moved)."""
+    found = []
+    for path in THEIR_PATHS[kind]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                found.append(importlib.import_module(path))
+            except ImportError:
+                continue
+    return found
+
+
+@pytest.mark.parametrize("kind", ["models", "losses"])
+def test_the_drop_in_modules_offer_every_name_of_sentence_transformers(kind):
+    """Issue 19, item 1: ``models.Transformer`` was missing, so the import swap broke the first
+    line of sentence-transformers' own example. Every public name of their module is ours too,
+    the same object except the fused drop-ins, which subclass theirs; ``dir``, ``import *`` and
+    ``help`` see them all."""
+    ours = {"models": models, "losses": losses}[kind]
+    theirs_list = their_modules(kind)
+    assert theirs_list
+    for theirs in theirs_list:
+        exported = set(getattr(theirs, "__all__", ()))
+        names = {name for name in dir(theirs) if not name.startswith("_")} | exported
+        assert exported <= set(ours.__all__)
+        assert names <= set(dir(ours)), sorted(names - set(dir(ours)))
+        for name in names:
+            mine, original = getattr(ours, name), getattr(theirs, name)
+            if name in FUSED_NAMES[kind]:
+                assert mine is not original and issubclass(mine, original), name
+            else:
+                assert mine is original, name
+    namespace = {}
+    exec(f"from {ours.__name__} import *", namespace)
+    for name in theirs_list[0].__all__:
+        assert namespace[name] is getattr(ours, name), name
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchThing'"):
+        ours.NoSuchThing  # noqa: B018
+    text = pydoc.plain(pydoc.render_doc(ours))
+    assert all(f"class {name}" in text for name in FUSED_NAMES[kind])
+    assert "fused" in text and ("class Transformer" in text or "class MatryoshkaLoss" in text)
+
+
+def test_fused_pooling_says_so_in_its_repr(tiny_bert_dir):
+    """Issue 19, item 11: ``print(model)`` looked the same before and after
+    ``apply_fused_pooling``, which the package exports beside ``losses`` and ``models``."""
+    from simcse_fast.sentence_transformers import apply_fused_pooling, restore_pooling
+
+    model = make_model(tiny_bert_dir, **pooling_kwargs(("mean", "cls")))
+    assert "simcse_fast" not in str(model)
+    assert apply_fused_pooling(model) is model
+    assert "[simcse_fast: mean fused]" in str(model)
+    restore_pooling(model)
+    assert "simcse_fast" not in str(model)
+    assert "no fused mode here" in repr(models.Pooling(8, **pooling_kwargs("cls")))
+
+
+@pytest.mark.parametrize(
+    "ours_class, theirs_class",
+    [
+        (losses.MultipleNegativesRankingLoss, st_losses.MultipleNegativesRankingLoss),
+        (losses.MultipleNegativesSymmetricRankingLoss, st_losses.MultipleNegativesSymmetricRankingLoss),
+    ],
+    ids=["mnrl", "symmetric"],
+)
+def test_float64_embeddings_run_sentence_transformers_loss(ours_class, theirs_class, generator):
+    """Issue 19, item 16: float64 embeddings (``model.double()``) were refused; they take
+    sentence-transformers' own computation, after one warning that names the reason."""
+    columns = [column.double() for column in random_columns(3, generator)]
+    ours = ours_class(COLUMNS)
+    with pytest.warns(UserWarning, match="float64 embeddings"):
+        value, grads = loss_and_grads(ours, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_and_grads(ours, columns)  # no second warning
+    expected, expected_grads = loss_and_grads(theirs_class(COLUMNS), columns)
+    assert value.dtype == torch.float64
+    torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_float64_model_trains_with_the_cached_loss(tiny_bert_dir):
+    """``model.double()`` under the cached loss: sentence-transformers' own gradients."""
+    model = make_model(tiny_bert_dir, models.Pooling).double()
+    columns = [SENTENCES, SENTENCES[::-1]]
+    with pytest.warns(UserWarning, match="float64 embeddings"):
+        ours_loss = losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+        ours = parameter_grads(model, ours_loss, columns)
+    theirs_loss = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    theirs = parameter_grads(model, theirs_loss, columns)
+    assert ours.keys() == theirs.keys() and len(ours) > 10
+    for name in ours:
+        assert ours[name].dtype == torch.float64
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def parameter_grads(model, loss, columns):
@@ -462,19 +579,31 @@ needs_compatible_trainer = pytest.mark.skipif(
 
 
 @needs_compatible_trainer
-def test_simcse_example_trains_with_only_the_import_swapped(tiny_bert_dir):
-    """The seed's SimCSE recipe: InputExample(texts=[s, s]), a DataLoader, model.fit."""
-    model = make_model(tiny_bert_dir, models.Pooling)
-    model.train()
-    train_examples = [InputExample(texts=[s, s]) for s in SENTENCES * 2]
-    train_dataloader = DataLoader(train_examples, batch_size=4, shuffle=True)
-    train_loss = losses.MultipleNegativesRankingLoss(model)
-    before = [p.detach().clone() for p in model.parameters()]
-    model.fit(
-        train_objectives=[(train_dataloader, train_loss)], epochs=1, warmup_steps=0, show_progress_bar=False
-    )
-    changed = [not torch.equal(b, p.detach()) for b, p in zip(before, model.parameters(), strict=True)]
+def test_the_readme_example_trains_with_only_the_import_swapped(tiny_bert_dir, tmp_path, monkeypatch):
+    """Issue 19, item 1: the README's quick start, sentence-transformers' classic training script
+    with its import swapped, run as written (the tiny BERT in place of the hub model)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sentences.txt").write_text("".join(f"{s} {i}\n" for i in range(32) for s in SENTENCES))
+    namespace = readme.run_python("import-swap", {'"distilroberta-base"': f'"{tiny_bert_dir}"'})
+    model = namespace["model"]
+    assert type(model[1]) is models.Pooling
+    assert type(namespace["train_loss"]) is losses.MultipleNegativesRankingLoss
+    start = transformers.AutoModel.from_pretrained(str(tiny_bert_dir))
+    trained = model[0].auto_model
+    changed = [not torch.equal(a, b) for a, b in zip(start.parameters(), trained.parameters(), strict=True)]
     assert sum(changed) > len(changed) // 2
+    reloaded = SentenceTransformer(str(tmp_path / "simcse-st-model"), device="cpu")
+    expected = model.encode(SENTENCES, convert_to_tensor=True)
+    torch.testing.assert_close(reloaded.encode(SENTENCES, convert_to_tensor=True), expected)
+
+
+def test_the_readme_fuses_an_existing_model(tiny_bert_dir, tmp_path, capsys):
+    """The README's apply_fused_pooling block on a saved model (the hub name replaced)."""
+    make_model(tiny_bert_dir).save(str(tmp_path / "st-model"))
+    replacements = {'"sentence-transformers/all-MiniLM-L6-v2"': f'"{tmp_path / "st-model"}"'}
+    namespace = readme.run_python("apply-fused-pooling", replacements)
+    assert "[simcse_fast: mean fused]" in capsys.readouterr().out
+    assert type(namespace["model"][1]) is st_modules.Pooling  # restored
 
 
 def test_pooling_and_loss_compile_without_graph_breaks(generator):

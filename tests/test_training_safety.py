@@ -16,6 +16,7 @@ from inputs import SENTENCES, model_weights
 
 import simcse_fast as sf
 from simcse_fast import cli, evaluation, training
+from simcse_fast import config as config_module
 
 transformers = pytest.importorskip("transformers")
 
@@ -90,7 +91,8 @@ def test_resume_without_a_checkpoint(tiny_bert_dir, sixteen_sentences_file, tmp_
 def test_the_checkpoint_is_written_before_the_dev_evaluation(
     tiny_bert_dir, sixteen_sentences_file, tmp_path, monkeypatch
 ):
-    """Finding 3: a kill during the first dev evaluation lost every step before it."""
+    """Finding 3: a kill during the first dev evaluation lost every step before it. The resumed
+    run evaluates the checkpoint whose evaluation was cut short."""
     dev = tmp_path / "dev.tsv"
     dev.write_text(
         "".join(
@@ -98,14 +100,24 @@ def test_the_checkpoint_is_written_before_the_dev_evaluation(
             for i, (a, b) in enumerate(zip(SENTENCES, SENTENCES[::-1], strict=True))
         )
     )
+    evaluate_sts = training.evaluate_sts
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt
+    def killed_after_step_0(model, pairs):
+        if killed_after_step_0.calls:
+            raise KeyboardInterrupt
+        killed_after_step_0.calls += 1
+        return evaluate_sts(model, pairs)
 
-    monkeypatch.setattr(training, "evaluate_sts", killed)
+    killed_after_step_0.calls = 0
+    monkeypatch.setattr(training, "evaluate_sts", killed_after_step_0)
+    run = config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", dev_sts=str(dev))
     with pytest.raises(KeyboardInterrupt):
-        training.train(config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", dev_sts=str(dev)))
+        training.train(run)
     assert training.latest_checkpoint(tmp_path / "run").name == "step-2"
+    monkeypatch.undo()
+    training.train(dataclasses.replace(run, resume=True))
+    scores = json.loads((tmp_path / "run" / training.DEV_SCORES_FILE).read_text())
+    assert [entry["step"] for entry in scores] == [0, 2, 4]
 
 
 def send_signal_during_step(monkeypatch, step: int, number: int) -> None:
@@ -212,7 +224,7 @@ def test_model_paths_and_help(tiny_bert_dir, sixteen_sentences_file, tmp_path, c
         sf.SimCSE("./missing", device="cpu")
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
-    assert f"(default: {training.DEFAULT_MODEL})" in capsys.readouterr().out.replace("\n", " ").replace(
+    assert f"(default: {config_module.DEFAULT_MODEL})" in capsys.readouterr().out.replace("\n", " ").replace(
         "  ", " "
     )
 
@@ -255,7 +267,41 @@ def test_info_says_why_a_backend_is_missing(capsys, monkeypatch):
     assert cli.main(["info"]) == 0
     out = capsys.readouterr().out
     if not torch.cuda.is_available():
-        assert "backend 'triton' unavailable: no CUDA device is available" in out
+        assert "backend 'triton' unavailable here: no CUDA device is available" in out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the 'usable here' half assumes no CUDA device")
+@pytest.mark.parametrize(
+    "installation, nvcc, expected",
+    [
+        ("wheel", None, "installed from the wheel, which is pure Python"),
+        ("source", None, "installed from source, and there is no nvcc here"),
+        ("source", "/opt/cuda/bin/nvcc", "nvcc is here now (/opt/cuda/bin/nvcc): the install ran without it"),
+        ("checkout", None, "is a source checkout without a build in place"),
+    ],
+)
+def test_info_tells_the_extension_build_from_its_use_here(installation, nvcc, expected, capsys, monkeypatch):
+    """Issue 19, item 10: whether simcse_fast._C was built (and why not) is one line, whether
+    the "cuda" backend runs here another."""
+    from simcse_fast import _backends
+
+    monkeypatch.setattr(_backends, "_installation", lambda: installation)
+    monkeypatch.setattr(_backends, "_find_nvcc", lambda: nvcc)
+    monkeypatch.setattr(_backends.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_backends, "CUDA_EXTENSION", None)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled CUDA extension simcse_fast._C: not built: " in out and expected in out
+    assert "backend 'cuda' unavailable here: the compiled extension simcse_fast._C is not built" in out
+
+    class Built:
+        __file__ = "/site-packages/simcse_fast/_C.cpython-311-x86_64-linux-gnu.so"
+
+    monkeypatch.setattr(_backends, "CUDA_EXTENSION", Built)
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "compiled CUDA extension simcse_fast._C: built (_C.cpython-311-x86_64-linux-gnu.so)" in out
+    assert "backend 'cuda' unavailable here: no CUDA device is available" in out
 
 
 def test_info_nce_refuses_an_empty_batch_and_a_bad_scale():

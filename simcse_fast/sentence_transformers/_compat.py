@@ -33,6 +33,33 @@ st_util = importlib.import_module("sentence_transformers.util")
 cos_sim = st_util.cos_sim
 
 
+def public_names(module) -> list[str]:
+    """What ``from module import *`` takes: ``__all__``, else the names without a leading underscore."""
+    names = getattr(module, "__all__", None)
+    return list(names) if names is not None else [name for name in vars(module) if not name.startswith("_")]
+
+
+def reexport(namespace: dict, source) -> tuple[list[str], object, object]:
+    """Make the module whose globals are ``namespace`` offer every public name of ``source``
+    (sentence-transformers' ``models`` or ``losses``), its own definitions in place of their
+    namesakes: so a script works with only its import changed. Returns the module's ``__all__``
+    (its own names and ``source``'s), ``__getattr__`` (any other public attribute of ``source``,
+    such as its submodules) and ``__dir__``."""
+    own = namespace["__all__"]
+    for name in public_names(source):
+        namespace.setdefault(name, getattr(source, name))
+
+    def __getattr__(name: str):
+        if not name.startswith("_") and hasattr(source, name):
+            return getattr(source, name)
+        raise AttributeError(f"module {namespace['__name__']!r} has no attribute {name!r}")
+
+    def __dir__() -> list[str]:
+        return sorted({*namespace, *(name for name in dir(source) if not name.startswith("_"))})
+
+    return sorted({*own, *public_names(source)}), __getattr__, __dir__
+
+
 def _embed_each_column(model, sentence_features) -> list:
     """One forward per column (releases before ``embed_columns``)."""
     return [model(features)["sentence_embedding"] for features in sentence_features]

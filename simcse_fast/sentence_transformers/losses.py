@@ -1,4 +1,8 @@
-"""Drop-in replacements for sentence-transformers' in-batch-negatives losses.
+"""sentence-transformers' ``losses`` with the in-batch-negatives losses fused.
+
+Every public name of sentence-transformers' ``losses`` (``sentence_transformer.losses`` from 5.4)
+is here too, the same object (``MatryoshkaLoss``, ``CoSENTLoss``, ...), so a script works with
+only its import changed; the five losses below are the drop-ins.
 
 Each class subclasses its sentence-transformers namesake, takes exactly its constructor
 arguments and returns the same loss with the same gradients, computed by the fused op behind
@@ -24,13 +28,15 @@ negatives by ``alpha stopgrad(cos)`` in the same fused op. ``GISTEmbedLoss`` and
 ``CachedGISTEmbedLoss`` (guided in-batch negatives) compute the guide's mask inside the same op,
 from the guide's embeddings: neither the model's nor the guide's similarity matrix is built.
 
-What the fused path cannot express exactly — a ``similarity_fct`` other than cosine —
-runs sentence-transformers' own computation, after one warning per loss object: never a
-silently different loss.
+What the fused path cannot express exactly — a ``similarity_fct`` other than cosine, float64
+embeddings (``model.double()``) — runs sentence-transformers' own computation, after one
+warning per loss object: never a silently different loss, never a refusal of what
+sentence-transformers accepts.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import warnings
@@ -40,7 +46,7 @@ from torch import Tensor
 
 from .. import functional
 from ..distributed import all_gather_with_grad, get_rank
-from ._compat import cos_sim, embed_columns, st_losses
+from ._compat import cos_sim, embed_columns, reexport, st_losses
 
 __all__ = [
     "CachedGISTEmbedLoss",
@@ -94,7 +100,10 @@ def fused_in_batch_negatives_loss(
     return per_query.mean()
 
 
-def _unfusable_reason(loss) -> str | None:
+def _unfusable_reason(loss, embeddings=()) -> str | None:
+    """Why the fused op cannot compute ``loss`` on ``embeddings`` exactly, or None."""
+    if any(embedding.dtype == torch.float64 for embedding in embeddings):
+        return "float64 embeddings"
     similarity_fct = getattr(loss, "similarity_fct", cos_sim)
     if similarity_fct is not cos_sim and getattr(similarity_fct, "__name__", "") != "cos_sim":
         return (
@@ -128,6 +137,13 @@ def _fused_options(loss, default_directions=("query_to_doc",), default_partition
     }
 
 
+class _GivenEmbeddings(torch.nn.Module):
+    """A stand-in model whose features are the sentence embeddings themselves."""
+
+    def forward(self, features: dict) -> dict:
+        return features
+
+
 class _FusedInBatchNegatives:
     """Mixin: ``compute_loss_from_embeddings`` through the fused primitive, with the
     sentence-transformers computation as the fallback."""
@@ -145,16 +161,18 @@ class _FusedInBatchNegatives:
         return _fused_options(self, self._default_directions, self._default_partition_mode)
 
     def compute_loss_from_embeddings(self, embeddings: list[Tensor], labels: Tensor | None = None) -> Tensor:
-        reason = _unfusable_reason(self)
+        reason = _unfusable_reason(self, embeddings)
         if reason is None:
             return fused_in_batch_negatives_loss(list(embeddings), **self.fused_options())
         _warn_fallback(self, reason)
         if self._base_computes_from_embeddings:
             return super().compute_loss_from_embeddings(embeddings, labels)
-        raise NotImplementedError(
-            f"{reason}: this sentence-transformers release computes it only from token features; "
-            f"call the loss on features or upgrade sentence-transformers"
-        )
+        # Releases that compute the loss inside forward(): run it on a copy of this loss whose
+        # model hands the embeddings through.
+        view = copy.copy(self)
+        view._modules = {**self._modules, "model": _GivenEmbeddings()}
+        features = [{"sentence_embedding": embedding} for embedding in embeddings]
+        return super(_FusedInBatchNegatives, view).forward(features, labels)
 
     def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
         if self._base_computes_from_embeddings:
@@ -195,7 +213,7 @@ class CachedMultipleNegativesRankingLoss(st_losses.CachedMultipleNegativesRankin
     needs O(B·D) memory instead of mini-batch x full-batch similarity chunks."""
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *, with_backward=False):
-        reason = _unfusable_reason(self)
+        reason = _unfusable_reason(self, [embedding for column in reps for embedding in column])
         if reason is not None:
             _warn_fallback(self, reason)
             options = _accepted(super().calculate_loss, labels=labels, with_backward=with_backward)
@@ -327,3 +345,7 @@ class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
             loss.backward()
             loss = loss.detach()
         return loss
+
+
+# Everything else of sentence-transformers' module, under this one: one import swap suffices.
+__all__, __getattr__, __dir__ = reexport(globals(), st_losses)

@@ -1,4 +1,8 @@
-"""Drop-in replacement for sentence-transformers' ``Pooling`` with fused mean and max pooling.
+"""sentence-transformers' ``models`` with ``Pooling`` on fused mean and max pooling.
+
+Every public name of sentence-transformers' ``models`` (``sentence_transformer.modules`` from
+5.4) is here too, the same object (``Transformer``, ``Dense``, ``Normalize``, ...), so a script
+works with only its import changed; ``Pooling`` is the drop-in below.
 
 ``Pooling`` takes the same constructor arguments and config (all modes, ``include_prompt``,
 save/load) as sentence-transformers' module; ``mean`` and ``max`` run on
@@ -42,7 +46,7 @@ import torch
 from torch import Tensor
 
 from .. import functional
-from ._compat import st_modules
+from ._compat import reexport, st_modules
 
 __all__ = ["Pooling", "apply_fused_pooling", "restore_pooling"]
 
@@ -161,6 +165,18 @@ class Pooling(_ST_POOLING):
             # mean; the kernel counts present tokens. Checked by dtype: no device sync.
             fused.discard("mean")
         return fused
+
+    def __repr__(self) -> str:
+        """sentence-transformers' repr, with which modes run on the fused kernels: ``print(model)``
+        shows whether ``apply_fused_pooling`` took effect."""
+        fused = [mode for mode in self._modes() if mode in FUSED_MODES] if _PADDED or _LEGACY else []
+        if fused:
+            note = f"simcse_fast: {' and '.join(fused)} fused"
+        elif _PADDED or _LEGACY:
+            note = "simcse_fast: no fused mode here, sentence-transformers' code runs"
+        else:
+            note = "simcse_fast: unfused on this sentence-transformers release"
+        return f"{super().__repr__()} [{note}]"
 
     def __reduce_ex__(self, protocol):
         """Pickle as sentence-transformers' own ``Pooling`` with the same state (module
@@ -294,3 +310,7 @@ def apply_fused_pooling(model):
 def restore_pooling(model):
     """Undo :func:`apply_fused_pooling`: sentence-transformers' own ``Pooling`` again, in place."""
     return _swap_pooling(model, _ST_POOLING, Pooling)
+
+
+# Everything else of sentence-transformers' module, under this one: one import swap suffices.
+__all__, __getattr__, __dir__ = reexport(globals(), st_modules)
