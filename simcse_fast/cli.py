@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .config import BACKENDS, POOLING_MODES, TRAINING_MAX_SEQ_LENGTH, TrainingConfig
+from .config import BACKENDS, POOLING_MODES, TRAINING_MAX_SEQ_LENGTH, TrainingConfig, packed_attention_missing
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")
 TRAINING_DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainingConfig)}
@@ -230,6 +230,8 @@ def run_train(args: argparse.Namespace) -> int:
     except ValueError as error:
         return _fail(str(error), USAGE_ERROR)
     missing = _missing_file(config.sentences) or _missing_file(config.dev_sts)
+    if config.packed:
+        missing = missing or packed_attention_missing()
     if missing:
         return _fail(missing)
 
@@ -260,6 +262,7 @@ def run_train(args: argparse.Namespace) -> int:
         )
     else:
         print(f"trained {summary['steps']} steps, {last}")
+        print(_speed(summary))
     if summary["best_dev"] is not None:
         step = summary["best_dev_step"]
         which = "step 0, the base model" if step == 0 else f"step {step}"
@@ -270,6 +273,21 @@ def run_train(args: argparse.Namespace) -> int:
     length = f"max_seq_length {summary['max_seq_length']} ({summary['max_seq_length_source']})"
     print(f"model saved to {summary['output']} with {length}")
     return 0
+
+
+def _speed(summary: dict) -> str:
+    """The end summary's speed line: sentences per second over the training steps (checkpoints,
+    dev evaluations and compiling not counted), the share of the steps' time spent outside the
+    encoder, and the compile time."""
+    line = (
+        f"{summary['sentences']} sentences in {summary['seconds']:.1f} s: "
+        f"{summary['sentences_per_s']:.1f} sentences/s"
+    )
+    if summary["outside_encoder"] is not None:
+        line += f", {summary['outside_encoder']:.0%} of the time outside the encoder"
+    if summary["compile_seconds"] is not None:
+        line += f"; compiling the encoder took {summary['compile_seconds']:.1f} s more"
+    return line
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -439,6 +457,20 @@ def _train_options(train_parser: argparse.ArgumentParser) -> None:
     training_option(
         "mini_batch_tokens", type=int,
         help="gradient caching: at most this many tokens (rows x longest row) per mini-batch",
+    )  # fmt: skip
+    training_option(
+        "compile", action="store_true",
+        help="run the encoder under torch.compile: batches padded to a few widths (the sequence length up "
+        "to 64 tokens), compiled once each; compile time is reported apart",
+    )  # fmt: skip
+    training_option(
+        "packed", action="store_true",
+        help="unpadded batches through flash-attention's varlen kernels (needs flash-attn and a CUDA GPU)",
+    )  # fmt: skip
+    training_option(
+        "log_steps", type=int,
+        help="read the loss from the device every N steps for the bar (and at checkpoints); steps in "
+        "between never wait for the device (default: %(default)s)",
     )  # fmt: skip
     training_option("device", help="cpu or cuda (default: cuda when available)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -5,6 +5,7 @@ before it imports PyTorch or transformers, so a mistyped option fails at once.""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -13,6 +14,23 @@ DEFAULT_MODEL = "distilroberta-base"
 TRAINING_MAX_SEQ_LENGTH = 32
 """Tokens per sentence in training unless ``max_seq_length`` is given (SimCSE's setting); the
 saved model keeps the base model's length then."""
+
+
+PACKED_ATTENTION = "flash_attention_2"
+"""The attention implementation (Hugging Face's name) of packed training: flash-attention's
+varlen kernels, from the ``flash-attn`` package."""
+
+
+def packed_attention_missing() -> str | None:
+    """Why ``packed`` cannot run in this environment, as far as is known without importing
+    PyTorch (the varlen attention's package is missing), else None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return (
+            "--packed needs a varlen attention, flash-attention's (pip install flash-attn, on a CUDA GPU), "
+            "and flash-attn is not installed here; without --packed, batches are padded to their longest "
+            "sentence"
+        )
+    return None
 
 
 def option_name(field: str, flags: bool) -> str:
@@ -54,6 +72,9 @@ class TrainingConfig:
     show_progress_bar: bool = True
     mini_batch_size: int | None = None
     mini_batch_tokens: int | None = None
+    log_steps: int = 10
+    compile: bool = False
+    packed: bool = False
 
     def validate(self, *, world_size: int = 1, flags: bool = False) -> None:
         """Raise ``ValueError`` naming the first invalid setting and what it takes: the field
@@ -63,7 +84,7 @@ class TrainingConfig:
         def name(field: str) -> str:
             return option_name(field, flags)
 
-        for field in ("batch_size", "epochs", "checkpoint_steps", "keep_checkpoints"):
+        for field in ("batch_size", "epochs", "checkpoint_steps", "keep_checkpoints", "log_steps"):
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name(field)} must be a positive integer; got {value!r}")
@@ -104,4 +125,9 @@ class TrainingConfig:
         if self.resume and self.overwrite:
             raise ValueError(
                 "--resume continues the run in the output folder and --overwrite deletes it; pick one"
+            )
+        if self.packed and self.compile:
+            raise ValueError(
+                f"{name('packed')} and {name('compile')} do not go together: a packed batch's length changes "
+                "at every step, and the compiled encoder keeps its shapes few; pick one"
             )

@@ -6,7 +6,10 @@
 
 Shapes: ``forward`` maps tokenized ``input_ids``/``attention_mask`` ``(B, L)`` to sentence
 embeddings ``(B, H)``: the encoder's last hidden state ``(B, L, H)`` pooled by
-``masked_mean_pool`` / ``masked_max_pool`` (or the first token for ``"cls"``). The optional MLP
+``masked_mean_pool`` / ``masked_max_pool`` (or the first token for ``"cls"``). A packed batch
+(``input_ids`` ``(1, T)`` with ``cu_seq_lens_q`` offsets ``(B + 1,)``, for an encoder loaded
+with a varlen attention: ``simcse_fast.batching``) is pooled by ``packed_mean_pool`` /
+``packed_max_pool`` (or each sequence's first token). The optional MLP
 head of the official SimCSE (``Linear(H, H)`` then ``tanh``) is applied in training only
 (``forward(..., use_mlp_head=True)``); ``encode`` never uses it.
 """
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional
+from .batching import PACKED_OFFSETS
 from .config import POOLING_MODES
 
 _ST_POOLING_KEYS = {
@@ -123,6 +127,8 @@ class SimCSE(nn.Module):
     ``max_seq_length``: tokens kept per sentence (default: the folder's, else 32).
     ``mlp_head``: add SimCSE's ``Linear + tanh`` head for training. ``backend``: the backend of
     the pooling ops (None: the process default). ``device``: where to put the model.
+    ``attn_implementation``: the encoder's attention (Hugging Face's name: ``"sdpa"``,
+    ``"flash_attention_2"``, ...; default: transformers' choice).
     """
 
     def __init__(
@@ -134,6 +140,7 @@ class SimCSE(nn.Module):
         mlp_head: bool = False,
         backend: str | None = None,
         device: str | torch.device | None = None,
+        attn_implementation: str | None = None,
     ):
         super().__init__()
         transformers = _import_transformers()
@@ -157,7 +164,8 @@ class SimCSE(nn.Module):
         location = str(settings["encoder_path"])
         if not Path(location).is_dir():
             _check_hub_model_reachable(location, transformers)
-        self.encoder = transformers.AutoModel.from_pretrained(location)
+        attention = {} if attn_implementation is None else {"attn_implementation": attn_implementation}
+        self.encoder = transformers.AutoModel.from_pretrained(location, **attention)
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(location)
         self.pooling = pooling
         self.max_seq_length = max_seq_length
@@ -190,9 +198,13 @@ class SimCSE(nn.Module):
         )
         return {name: tensor.to(self.device) for name, tensor in batch.items()}
 
-    def forward(self, features: dict[str, Tensor], *, use_mlp_head: bool = False) -> Tensor:
-        """Sentence embeddings ``(B, H)`` from tokenized ``features``."""
-        token_embeddings = self.encoder(**features).last_hidden_state
+    def forward(self, features: dict[str, Tensor], *, use_mlp_head: bool = False, encoder=None) -> Tensor:
+        """Sentence embeddings ``(B, H)`` from tokenized ``features``, padded or packed (with
+        ``cu_seq_lens_q``). ``encoder``: a callable that runs in place of ``self.encoder`` (the
+        same module compiled, or timed), taking the same arguments."""
+        token_embeddings = (encoder or self.encoder)(**features).last_hidden_state
+        if PACKED_OFFSETS in features:
+            return self._pool_packed(token_embeddings[0], features[PACKED_OFFSETS], use_mlp_head)
         mask = features["attention_mask"]
         if self.pooling == "mean":
             pooled = functional.masked_mean_pool(token_embeddings, mask, backend=self.backend)
@@ -200,6 +212,19 @@ class SimCSE(nn.Module):
             pooled = functional.masked_max_pool(token_embeddings, mask, backend=self.backend)
         else:
             pooled = token_embeddings[:, 0]
+        return self._head(pooled, use_mlp_head)
+
+    def _pool_packed(self, tokens: Tensor, cu_seqlens: Tensor, use_mlp_head: bool) -> Tensor:
+        """Sentence embeddings ``(B, H)`` of the packed ``tokens`` ``(T, H)``."""
+        if self.pooling == "mean":
+            pooled = functional.packed_mean_pool(tokens, cu_seqlens, backend=self.backend)
+        elif self.pooling == "max":
+            pooled = functional.packed_max_pool(tokens, cu_seqlens, backend=self.backend)
+        else:
+            pooled = tokens[cu_seqlens[:-1].long()]
+        return self._head(pooled, use_mlp_head)
+
+    def _head(self, pooled: Tensor, use_mlp_head: bool) -> Tensor:
         if use_mlp_head and self.mlp_head is not None:
             pooled = self.mlp_head(pooled)
         return pooled

@@ -39,7 +39,9 @@ import torch
 import torch.distributed as dist
 
 from . import functional
-from .config import TRAINING_MAX_SEQ_LENGTH, TrainingConfig
+from .batching import Batch, Prefetcher, Tokenization, batch_plan, rows_of
+from .batching import mini_batches as mini_batches  # its home before simcse_fast.batching
+from .config import PACKED_ATTENTION, TRAINING_MAX_SEQ_LENGTH, TrainingConfig, packed_attention_missing
 from .encoder import SimCSE, quiet_transformers
 from .evaluation import evaluate_sts, read_sts_pairs
 
@@ -291,42 +293,6 @@ def _save_checkpoint(folder: Path, state: dict, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def mini_batches(attention_mask: torch.Tensor, mini_batch_size=None, mini_batch_tokens=None) -> list[slice]:
-    """Contiguous row ranges of a tokenized batch for gradient caching: at most
-    ``mini_batch_size`` rows, and rows x (their longest length) at most ``mini_batch_tokens``
-    (a range holds at least one row whatever the budget); one range when both are None."""
-    rows = attention_mask.shape[0]
-    if mini_batch_size is None and mini_batch_tokens is None:
-        return [slice(0, rows)]
-    lengths = _used_lengths(attention_mask).tolist()
-    ranges, start = [], 0
-    while start < rows:
-        stop, longest = start + 1, lengths[start]
-        while stop < rows:
-            wider = max(longest, lengths[stop])
-            if mini_batch_size is not None and stop + 1 - start > mini_batch_size:
-                break
-            if mini_batch_tokens is not None and (stop + 1 - start) * wider > mini_batch_tokens:
-                break
-            stop, longest = stop + 1, wider
-        ranges.append(slice(start, stop))
-        start = stop
-    return ranges
-
-
-def _used_lengths(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Per row, one past the last present position (the length for right padding)."""
-    positions = torch.arange(1, attention_mask.shape[1] + 1, device=attention_mask.device)
-    return ((attention_mask != 0) * positions).amax(dim=1)
-
-
-def _rows_of(features: dict, rows: slice) -> dict:
-    """The features of ``rows`` without the trailing columns that are padding in all of them
-    (leading ones stay: removing them would shift the position ids of left-padded rows)."""
-    width = max(1, int(_used_lengths(features["attention_mask"][rows]).max()))
-    return {name: tensor[rows, :width] for name, tensor in features.items()}
-
-
 def _rng_state(device: torch.device):
     return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
 
@@ -346,23 +312,363 @@ def cached_step(encode, features: dict, ranges: list[slice], loss_fn, *, no_sync
     the embeddings only; (3) re-encode each range from its saved state and backpropagate its
     slice of the embedding gradient. Activation memory is that of one range; the loss sees the
     whole batch. ``no_sync``: a DistributedDataParallel model's ``no_sync``, so that gradients
-    are all-reduced once, after the last range.
+    are all-reduced once, after the last range. Each range is cut to its longest row, which reads
+    the mask (a synchronization on a GPU): the training command cuts its mini-batches on the host
+    beforehand and calls :func:`cached_parts_step`.
     """
-    device = features["attention_mask"].device
+    parts = [rows_of(features, rows) for rows in ranges]
+    counts = [rows.stop - rows.start for rows in ranges]
+    return cached_parts_step(encode, parts, counts, loss_fn, no_sync=no_sync)
+
+
+def cached_parts_step(encode, parts: list[dict], rows: list[int], loss_fn, *, no_sync=None) -> torch.Tensor:
+    """:func:`cached_step` on a batch already cut into ``parts`` (features of ``rows[i]`` rows
+    each, padded or packed: ``simcse_fast.batching``)."""
+    device = parts[0]["input_ids"].device
     states, pieces = [], []
     with torch.no_grad():
-        for rows in ranges:
+        for part in parts:
             states.append(_rng_state(device))
-            pieces.append(encode(_rows_of(features, rows)))
+            pieces.append(encode(part))
     embeddings = torch.cat(pieces).requires_grad_()
     loss = loss_fn(embeddings)
     loss.backward()
-    for index, (rows, state) in enumerate(zip(ranges, states, strict=True)):
+    start = 0
+    for index, (part, count, state) in enumerate(zip(parts, rows, states, strict=True)):
         _set_rng_state(state, device)
-        last = index == len(ranges) - 1
+        last = index == len(parts) - 1
         with contextlib.nullcontext() if no_sync is None or last else no_sync():
-            encode(_rows_of(features, rows)).backward(embeddings.grad[rows])
+            encode(part).backward(embeddings.grad[start : start + count])
+        start += count
     return loss.detach()
+
+
+def new_optimizer(model: SimCSE, config: TrainingConfig) -> torch.optim.AdamW:
+    """AdamW over ``model``'s parameters: PyTorch's fused implementation (one kernel for every
+    parameter, the step counters on the device, so a step reads nothing back) where it has one
+    for the device (CUDA and CPU among them), else the multi-tensor (foreach) one."""
+    options = {"lr": config.lr, "weight_decay": config.weight_decay}
+    try:
+        return torch.optim.AdamW(model.parameters(), fused=True, **options)
+    except RuntimeError:
+        return torch.optim.AdamW(model.parameters(), foreach=True, **options)
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """Load a checkpoint's optimizer ``state``, keeping this optimizer's implementation (a
+    state dict's groups carry the flags of the one that saved it)."""
+    flags = ("fused", "foreach")
+    groups = [
+        {**saved, **{flag: group.get(flag) for flag in flags}}
+        for saved, group in zip(state["param_groups"], optimizer.param_groups, strict=True)
+    ]
+    optimizer.load_state_dict({**state, "param_groups": groups})
+
+
+COMPILE_BACKEND = "inductor"
+"""The ``torch.compile`` backend of ``compile=True``."""
+
+
+class _CompiledEncoder:
+    """``encoder`` under ``torch.compile``, counting the graphs it compiles (a step that compiled
+    is timed apart). Rows may vary (the last batch of an epoch, mini-batches, processes' shares)
+    without a recompile; widths are padded to a few buckets (``simcse_fast.batching``) and each
+    compiles once."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        self.graphs = 0
+        compile_graph = torch._dynamo.lookup_backend(COMPILE_BACKEND)
+
+        def counting(graph, example_inputs):
+            self.graphs += 1
+            return compile_graph(graph, example_inputs)
+
+        self._compiled = torch.compile(encoder, backend=counting)
+
+    def __call__(self, **features):
+        for value in features.values():
+            if isinstance(value, torch.Tensor) and value.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(value, 0)
+                torch._dynamo.mark_static(value, 1)
+        return self._compiled(**features)
+
+
+_MARKS = ("step_start", "step_end", "forward_start", "forward_end", "backward_start", "backward_end")
+
+
+class _EncoderClock:
+    """When the encoder ran (forward and backward) and when steps ended, for the share of a step
+    spent outside the encoder: CUDA events on a GPU (recorded in stream order, read only where
+    the loss is read, after a synchronization), the host clock on a CPU (which computes
+    synchronously). The encoder's backward runs from its output's gradient to its input
+    embeddings' gradient (the last of its parameters that autograd reaches)."""
+
+    def __init__(self, model: SimCSE):
+        self.cuda = model.device.type == "cuda"
+        self._marks: list[tuple[str, object]] = []
+        self._steps: list[list[tuple[str, object]]] = []
+        self._last_end = None
+        weight = model.encoder.get_input_embeddings().weight
+        self._hook = weight.register_post_accumulate_grad_hook(lambda _: self._mark("backward_end"))
+
+    def _mark(self, kind: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self._marks.append((kind, event))
+        else:
+            self._marks.append((kind, time.perf_counter()))
+
+    def timed(self, encoder):
+        """``encoder``, its forward and backward marked."""
+
+        def run(**features):
+            self._mark("forward_start")
+            output = encoder(**features)
+            self._mark("forward_end")
+            hidden = output.last_hidden_state
+            if hidden.requires_grad:
+                hidden.register_hook(lambda _: self._mark("backward_start"))
+            return output
+
+        return run
+
+    def start_step(self) -> None:
+        self._marks = []
+        self._mark("step_start")
+
+    def end_step(self, kept: bool = True) -> None:
+        """End a step; one not ``kept`` (it compiled) counts in no share."""
+        self._mark("step_end")
+        self._steps.append(self._marks if kept else [])
+
+    def _seconds(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        return end - start
+
+    def read(self) -> tuple[float, float]:
+        """``(encoder seconds, step seconds)`` of the steps since the last read. A step's time
+        runs from the end of the step before it (when that one counts) to its end, so that the
+        device's idle time between steps counts outside the encoder."""
+        encoder = total = 0.0
+        for marks in self._steps:
+            if not marks:
+                self._last_end = None
+                continue
+            times = {kind: [at for name, at in marks if name == kind] for kind in _MARKS}
+            pairs = [("forward_start", "forward_end"), ("backward_start", "backward_end")]
+            if any(len(times[start]) != len(times[end]) for start, end in pairs):
+                self._last_end = None
+                continue  # a step whose marks do not pair up (a backward outside the encoder)
+            begin = self._last_end if self._last_end is not None else times["step_start"][0]
+            total += self._seconds(begin, times["step_end"][0])
+            for start, end in pairs:
+                encoder += sum(self._seconds(a, b) for a, b in zip(times[start], times[end], strict=True))
+            self._last_end = times["step_end"][0]
+        self._steps = []
+        return encoder, total
+
+    def pause(self) -> None:
+        """Forget the last step's end: what runs next (a checkpoint, an evaluation) is no step."""
+        self._last_end = None
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+class StepRunner:
+    """``simcse-fast train``'s step on a :class:`~simcse_fast.batching.Batch` (on the device):
+    encode the 2B rows (two dropout views) under bf16 autocast on GPUs that support it, through
+    ``torch.compile`` with ``config.compile``; the fused loss (row ``i`` and row ``B + i`` are
+    positives); backward (gradient caching over the batch's parts when it has several);
+    gradient clipping; ``optimizer`` and ``scheduler`` steps. Returns the loss, detached, on the
+    device: nothing is read back to the host. ``world`` > 1: under DistributedDataParallel,
+    negatives gathered from every process."""
+
+    def __init__(self, model: SimCSE, optimizer, scheduler, config: TrainingConfig, *, world: int = 1):
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.config, self.world = config, world
+        self.use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.network = model
+        if world > 1:
+            # The encoder's pooler (and an unused MLP head) take no part in the loss.
+            self.network = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        self.compiled = _CompiledEncoder(model.encoder) if config.compile else None
+        self.clock = _EncoderClock(model)
+        self._encoder = self.clock.timed(self.compiled or model.encoder)
+
+    @property
+    def compiled_graphs(self) -> int:
+        """Graphs compiled so far (0 without ``compile``)."""
+        return 0 if self.compiled is None else self.compiled.graphs
+
+    def encode(self, features: dict) -> torch.Tensor:
+        with torch.autocast(device_type=self.model.device.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+            return self.network(features, use_mlp_head=True, encoder=self._encoder)
+
+    def loss(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Row i and row B + i (the two dropout views of sentence i) are positives."""
+        rows = embeddings.shape[0] // 2
+        return functional.info_nce(
+            embeddings[:rows], embeddings[rows:], scale=1.0 / self.config.temperature,
+            backend=self.config.backend, gather_across_devices=self.world > 1,
+        )  # fmt: skip
+
+    def __call__(self, batch: Batch) -> torch.Tensor:
+        if len(batch.parts) > 1:
+            no_sync = self.network.no_sync if self.world > 1 else None
+            loss = cached_parts_step(self.encode, batch.parts, batch.rows, self.loss, no_sync=no_sync)
+        else:
+            loss = self.loss(self.encode(batch.parts[0]))
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def close(self) -> None:
+        self.clock.close()
+
+
+def tokenization(model: SimCSE, config: TrainingConfig) -> Tokenization:
+    """How ``simcse-fast train`` turns a batch's sentences into the step's input for ``model``
+    (truncated at its ``max_seq_length``), as ``config`` asks: padded to the longest row, or to
+    a few widths with ``compile``, or packed with ``packed``, cut into mini-batches for gradient
+    caching, pinned for a GPU."""
+    # Encoders whose embeddings number positions from the padding id (RoBERTa, XLM-R) say so.
+    padding_idx = getattr(getattr(model.encoder, "embeddings", None), "padding_idx", None)
+    return Tokenization(
+        model.tokenizer, model.max_seq_length, static_widths=config.compile, packed=config.packed,
+        position_offset=0 if padding_idx is None else padding_idx + 1, pin=model.device.type == "cuda",
+        mini_batch_size=config.mini_batch_size, mini_batch_tokens=config.mini_batch_tokens,
+    )  # fmt: skip
+
+
+class _Progress:
+    """What the bar and the summary report, read from the device only every ``log_steps`` steps
+    and where a checkpoint is written (one synchronization there, none in between): the mean
+    loss of the steps since the last read and the last step's loss (averaged over processes),
+    sentences per second and the share of the steps' time spent outside the encoder. The time of
+    a step that compiled the encoder, of checkpoints and of dev evaluations is kept apart."""
+
+    def __init__(self, runner: StepRunner, world: int, bar, last_loss: float):
+        self.runner, self.world, self.bar = runner, world, bar
+        self.device = runner.model.device
+        self.last_loss = last_loss
+        self.sentences, self.seconds, self.compile_seconds = 0, 0.0, 0.0
+        self.encoder_seconds, self.step_seconds = 0.0, 0.0
+        self._sum = torch.zeros((), device=self.device)
+        self._last = None
+        self._steps = self._sentences = 0
+        self._excluded = 0.0
+        self._since = time.perf_counter()
+
+    def restart(self) -> None:
+        """Start timing anew (after a checkpoint or an evaluation, which are no training)."""
+        self._since, self._excluded = time.perf_counter(), 0.0
+        self.runner.clock.pause()
+
+    def begin(self) -> None:
+        """A step begins."""
+        self._started, self._graphs = time.perf_counter(), self.runner.compiled_graphs
+        self.runner.clock.start_step()
+
+    def add(self, loss: torch.Tensor, sentences: int) -> None:
+        """Count the step that ends with ``loss`` (on the device) and trained ``sentences``: no
+        synchronization, unless the step compiled (its time is then kept apart)."""
+        self._sum.add_(loss)
+        self._last = loss
+        self._steps += 1
+        self._sentences += sentences
+        compiled = self.runner.compiled_graphs != self._graphs
+        self.runner.clock.end_step(kept=not compiled)
+        if compiled:
+            _synchronize(self.device)
+            seconds = time.perf_counter() - self._started
+            self.compile_seconds += seconds
+            self._excluded += seconds
+
+    def read(self) -> float:
+        """Synchronize, update the bar and return the last step's loss."""
+        if self._last is None:
+            return self.last_loss
+        values = torch.stack([self._sum, self._last])
+        if self.world > 1:
+            dist.all_reduce(values)  # the mean over processes: the loss of the whole batch
+            values /= self.world
+        mean, self.last_loss = values.tolist()
+        seconds = max(time.perf_counter() - self._since - self._excluded, 1e-9)
+        self.sentences += self._sentences
+        self.seconds += seconds
+        encoder, total = self.runner.clock.read()
+        self.encoder_seconds += encoder
+        self.step_seconds += total
+        postfix = {"loss": format_loss(mean / self._steps),
+                   "sentences_per_s": f"{self._sentences / seconds:.1f}"}  # fmt: skip
+        if total > 0:
+            postfix["outside_encoder"] = f"{1 - encoder / total:.0%}"
+        if self.device.type == "cuda":
+            postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
+        self.bar.set_postfix(postfix)
+        self._sum.zero_()
+        self._last, self._steps, self._sentences = None, 0, 0
+        self._since, self._excluded = time.perf_counter(), 0.0
+        return self.last_loss
+
+    def summary(self) -> dict:
+        """Sentences trained, seconds, sentences per second, compile seconds, share outside."""
+        return {
+            "sentences": self.sentences, "seconds": self.seconds,
+            "sentences_per_s": self.sentences / self.seconds if self.seconds else None,
+            "compile_seconds": self.compile_seconds if self.runner.compiled is not None else None,
+            "outside_encoder": 1 - self.encoder_seconds / self.step_seconds if self.step_seconds else None,
+        }  # fmt: skip
+
+
+def _default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def packed_attention_problem(device: torch.device) -> str | None:
+    """Why ``packed=True`` cannot run here (None when it can): it needs flash-attention's varlen
+    kernels (the ``flash-attn`` package) on a CUDA GPU with bf16, which they compute in."""
+    missing = packed_attention_missing()
+    if missing:
+        return missing
+    if device.type != "cuda":
+        return f"--packed runs flash-attention's varlen kernels, on a CUDA GPU; the device here is {device}"
+    if not torch.cuda.is_bf16_supported():
+        return "--packed runs flash-attention's varlen kernels in bf16, which this GPU does not support"
+    return None
+
+
+def _load_model(config: TrainingConfig, device) -> SimCSE:
+    """The model to train: with the varlen attention for ``packed`` (an encoder that has none is
+    refused), else PyTorch's scaled-dot-product attention where the architecture supports it."""
+    options = {"pooling": config.pooling, "max_seq_length": config.max_seq_length or TRAINING_MAX_SEQ_LENGTH,
+               "mlp_head": config.mlp_head, "backend": config.backend, "device": device}  # fmt: skip
+    if config.packed:
+        try:
+            return SimCSE(config.model, attn_implementation=PACKED_ATTENTION, **options)
+        except (ValueError, ImportError) as error:
+            raise ValueError(
+                f"--packed: {config.model} cannot run with a varlen attention ({PACKED_ATTENTION}) here: "
+                f"{str(error).splitlines()[0]}"
+            ) from None
+    try:
+        return SimCSE(config.model, attn_implementation="sdpa", **options)
+    except ValueError as error:
+        if "sdpa" not in str(error) and "scaled_dot_product" not in str(error):
+            raise
+        return SimCSE(config.model, **options)
 
 
 def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None, bool]:
@@ -371,7 +677,7 @@ def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None, boo
     per ``LOCAL_RANK``), unless the caller already did."""
     if not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1, config.device, False
-    wants_cuda = (config.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    wants_cuda = (config.device or _default_device()).startswith("cuda")
     created = not dist.is_initialized()
     if created:
         dist.init_process_group("nccl" if wants_cuda else "gloo")
@@ -385,8 +691,14 @@ def _init_distributed(config: TrainingConfig) -> tuple[int, int, str | None, boo
 
 def train(config: TrainingConfig) -> dict:
     """Run (or resume) unsupervised SimCSE training; returns a summary (steps, last loss,
-    best dev score, output folder). The final model is written to ``config.output`` as a
-    sentence-transformers folder, the best dev model (with ``dev_sts``) to ``output/best``.
+    sentences per second, best dev score, output folder). The final model is written to
+    ``config.output`` as a sentence-transformers folder, the best dev model (with ``dev_sts``)
+    to ``output/best``.
+
+    Batches are tokenized ahead in a background thread (:mod:`simcse_fast.batching`) and a step
+    reads nothing back from the device: the loss is read every ``log_steps`` steps and at
+    checkpoints. ``compile``: the encoder under ``torch.compile`` (compile time reported apart).
+    ``packed``: unpadded batches through a varlen attention (flash-attn, on a GPU).
 
     Under ``torchrun --nproc_per_node K`` (or with a process group already initialized) each
     process encodes its share of every batch of ``batch_size`` sentences (``batch_size`` must
@@ -408,6 +720,10 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     from tqdm.auto import tqdm
 
     config.validate(world_size=world)
+    if config.packed:
+        problem = packed_attention_problem(torch.device(device or _default_device()))
+        if problem is not None:
+            raise ValueError(problem)
     sentences = read_sentences(config.sentences, config.min_chars)
     dev_pairs = read_sts_pairs(config.dev_sts) if config.dev_sts else None
     output = Path(config.output)
@@ -425,10 +741,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002
     torch.manual_seed(config.seed)
-    model = SimCSE(
-        config.model, pooling=config.pooling, max_seq_length=config.max_seq_length or TRAINING_MAX_SEQ_LENGTH,
-        mlp_head=config.mlp_head, backend=config.backend, device=device,
-    )  # fmt: skip
+    model = _load_model(config, device)
     # Recorded only now that data and model are loaded: a start that fails leaves the folder as it was.
     if rank == 0:
         record_run(config, replace)
@@ -436,13 +749,13 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
         dist.barrier()
     # Each process draws its own dropout masks; rank 0 draws what a single process would.
     torch.manual_seed(config.seed + rank)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = new_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _linear_schedule(**schedule))
     position = {"epoch": 0, "batch": 0, "step": 0}
     last_loss, best_dev = float("nan"), None
     if saved is not None:
         model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
+        _load_optimizer_state(optimizer, saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         position = dict(saved["position"])
         last_loss, best_dev = saved.get("last_loss", last_loss), _best_dev_until(output, position["step"])
@@ -451,28 +764,13 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
             _restart_decay(optimizer, scheduler, schedule, position["step"], rank, output)
     already_complete = saved is not None and position["step"] >= total_steps
     saved_length = config.max_seq_length or model.base_max_seq_length
-    use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
     model.train()
-    network = model
-    if world > 1:
-        # The encoder's pooler (and an unused MLP head) take no part in the loss.
-        network = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-    caching = config.mini_batch_size is not None or config.mini_batch_tokens is not None
-
-    def encode(features):
-        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return network(features, use_mlp_head=True)
-
-    def loss_fn(embeddings):
-        """Row i and row B + i (the two dropout views of sentence i) are positives."""
-        rows = embeddings.shape[0] // 2
-        return functional.info_nce(
-            embeddings[:rows], embeddings[rows:], scale=1.0 / config.temperature, backend=config.backend,
-            gather_across_devices=world > 1,
-        )  # fmt: skip
+    runner = StepRunner(model, optimizer, scheduler, config, world=world)
+    stop_group = _stop_group(world)
 
     def evaluate(step):
-        return _evaluate_dev(model, dev_pairs, step, best_dev, saved_length, config, bar, rank, world)
+        with _attention(model, "sdpa" if config.packed else None):
+            return _evaluate_dev(model, dev_pairs, step, best_dev, saved_length, config, bar, rank, world)
 
     bar = tqdm(total=total_steps, initial=position["step"], desc="SimCSE", unit="step",
                disable=not config.show_progress_bar or rank != 0)  # fmt: skip
@@ -481,54 +779,31 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     evaluated_there = position["step"] in (0, total_steps) or position["step"] % config.checkpoint_steps == 0
     if evaluated_there and not _dev_score_recorded(output, position["step"]):
         best_dev = evaluate(position["step"])
-    started, trained_sentences = time.perf_counter(), 0
-    with _StopRequests() as stop:
-        while position["step"] < total_steps:
-            order = torch.randperm(
-                len(sentences), generator=torch.Generator().manual_seed(config.seed + position["epoch"])
-            )
-            while position["batch"] < steps_per_epoch and position["step"] < total_steps:
-                indices = order[
-                    position["batch"] * config.batch_size : (position["batch"] + 1) * config.batch_size
-                ]
-                position["batch"] += 1
-                # Every process takes an equal share (the last batch of an epoch may lose up to
-                # world - 1 sentences); a lone sentence has no negatives.
-                usable = len(indices) - len(indices) % world
-                if usable < 2:
+    plan = batch_plan(len(sentences), config.batch_size, config.seed, total_steps, position, rank, world)
+    tokenize = tokenization(model, config)
+
+    def prepare(planned):
+        if planned.indices is None:
+            return None
+        return tokenize([sentences[index] for index in planned.indices], planned.sentences)
+
+    progress = _Progress(runner, world, bar, last_loss)
+    try:
+        with _StopRequests() as stop, Prefetcher(plan, prepare) as batches:
+            progress.restart()
+            for planned, batch in batches:
+                position["epoch"], position["batch"] = planned.epoch, planned.batch
+                if batch is None:
                     continue
-                share = usable // world
-                batch = [sentences[index] for index in indices[rank * share : (rank + 1) * share].tolist()]
-                features = model.tokenize(batch)
-                doubled = {name: torch.cat([tensor, tensor]) for name, tensor in features.items()}
-                if caching:
-                    mask = doubled["attention_mask"]
-                    ranges = mini_batches(mask, config.mini_batch_size, config.mini_batch_tokens)
-                    loss = cached_step(
-                        encode, doubled, ranges, loss_fn, no_sync=network.no_sync if world > 1 else None
-                    )
-                else:
-                    loss = loss_fn(encode(doubled))
-                    loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                progress.begin()
+                loss = runner(batch.to(model.device))
                 position["step"] += 1
-                loss = loss.detach()
-                if world > 1:
-                    dist.all_reduce(loss)  # the mean over processes: the loss of the whole batch
-                    loss /= world
-                last_loss = loss.item()
-                trained_sentences += usable
-                rate = trained_sentences / (time.perf_counter() - started)
-                postfix = {"loss": format_loss(last_loss), "sentences_per_s": f"{rate:.1f}"}
-                if model.device.type == "cuda":
-                    postfix["peak_mem"] = f"{torch.cuda.max_memory_allocated(model.device) / 2**30:.2f} GiB"
-                bar.set_postfix(postfix)
+                progress.add(loss, batch.sentences)
                 bar.update()
-                signal_name = stop.requested(world)
+                signal_name = stop.requested(world, stop_group)
                 scheduled = position["step"] % config.checkpoint_steps == 0 or position["step"] == total_steps
+                if scheduled or signal_name or position["step"] % config.log_steps == 0:
+                    last_loss = progress.read()
                 if scheduled or signal_name:
                     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                              "scheduler": scheduler.state_dict(), "schedule": schedule,
@@ -538,18 +813,45 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
                         bar.close()
                         raise TrainingInterrupted(signal_name, position["step"], folder)
                     best_dev = evaluate(position["step"])
-            if position["batch"] >= steps_per_epoch:
-                position = {"epoch": position["epoch"] + 1, "batch": 0, "step": position["step"]}
-        bar.close()
-        if rank == 0:
-            _save_model(model, output, saved_length)
+                    progress.restart()
+            bar.close()
+            if rank == 0:
+                _save_model(model, output, saved_length)
+    finally:
+        runner.close()
     if world > 1:
         dist.barrier()
     return {"steps": position["step"], "last_loss": last_loss, "output": str(output), "rank": rank,
             "best_dev": None if best_dev is None else best_dev["score"],
             "best_dev_step": None if best_dev is None else best_dev["step"],
             "already_complete": already_complete, "max_seq_length": saved_length,
-            "max_seq_length_source": "chosen" if config.max_seq_length else "the base model's"}  # fmt: skip
+            "max_seq_length_source": "chosen" if config.max_seq_length else "the base model's",
+            **progress.summary()}  # fmt: skip
+
+
+def _stop_group(world: int):
+    """The process group on which processes agree to stop: the default one when it is gloo (its
+    all-reduce runs on the host); under NCCL a gloo group beside it, so that the agreement
+    neither synchronizes with the GPU nor copies to it."""
+    if world == 1 or dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
+@contextlib.contextmanager
+def _attention(model: SimCSE, implementation: str | None):
+    """``model``'s encoder with the attention ``implementation`` for the duration (None: as it
+    is). Packed training's varlen attention computes in half precision only; evaluation runs in
+    fp32 through PyTorch's, as ``simcse-fast eval`` does."""
+    if implementation is None:
+        yield model
+        return
+    before = model.encoder.config._attn_implementation
+    model.encoder.set_attn_implementation(implementation)
+    try:
+        yield model
+    finally:
+        model.encoder.set_attn_implementation(before)
 
 
 def format_loss(loss: float) -> str:
@@ -656,12 +958,13 @@ class _StopRequests:
             raise KeyboardInterrupt
         self.received = signal.Signals(number).name
 
-    def requested(self, world: int) -> str | None:
-        """The signal to stop for, agreed by every process (any one's request stops all)."""
+    def requested(self, world: int, group=None) -> str | None:
+        """The signal to stop for, agreed by every process (any one's request stops all) over
+        the gloo process ``group`` (None: the default one), on the host."""
         if world == 1:
             return self.received
         flag = torch.tensor([0 if self.received is None else 1 if self.received == "SIGINT" else 2])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
         return {0: None, 1: "SIGINT", 2: "SIGTERM"}[int(flag)]
 
 

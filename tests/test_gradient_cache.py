@@ -14,7 +14,7 @@ import torch
 from inputs import SENTENCES, model_weights, stop_after_checkpoint
 
 import simcse_fast as sf
-from simcse_fast import training
+from simcse_fast import batching, training
 
 transformers = pytest.importorskip("transformers")
 
@@ -103,7 +103,7 @@ def test_dropout_replays_exactly_and_the_step_equals_a_non_cached_reference(tiny
 
     model.zero_grad()
     torch.manual_seed(7)
-    parts = [model(training._rows_of(features, rows), use_mlp_head=True) for rows in ranges]
+    parts = [model(batching.rows_of(features, rows), use_mlp_head=True) for rows in ranges]
     reference_loss = loss_fn(torch.cat(parts))
     reference_loss.backward()
     torch.testing.assert_close(loss, reference_loss.detach())
@@ -136,7 +136,7 @@ def test_mini_batches_respect_both_budgets():
     assert training.mini_batches(mask, mini_batch_tokens=1) == [slice(i, i + 1) for i in range(5)]
     assert training.mini_batches(mask, mini_batch_size=3, mini_batch_tokens=100) == [slice(0, 3), slice(3, 5)]
     features = {"attention_mask": mask, "input_ids": torch.arange(40).reshape(5, 8)}
-    assert training._rows_of(features, slice(3, 5))["input_ids"].shape == (2, 3)
+    assert batching.rows_of(features, slice(3, 5))["input_ids"].shape == (2, 3)
 
 
 @pytest.mark.parametrize("name", ["mini_batch_size", "mini_batch_tokens"])
