@@ -373,9 +373,12 @@ class _CompiledEncoder:
     """``encoder`` under ``torch.compile``, counting the graphs it compiles (a step that compiled
     is timed apart). Rows may vary (the last batch of an epoch, mini-batches, processes' shares)
     without a recompile; widths are padded to a few buckets (``simcse_fast.batching``) and each
-    compiles once."""
+    compiles once. ``exact_replay``: dropout drawn by PyTorch's own random ops (Inductor's
+    ``fallback_random``), so that gradient caching's replay with autograd draws the masks of the
+    first pass without it (Inductor's generator could number them differently in the two
+    graphs)."""
 
-    def __init__(self, encoder: torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, *, exact_replay: bool = False):
         self.graphs = 0
         compile_graph = torch._dynamo.lookup_backend(COMPILE_BACKEND)
 
@@ -384,13 +387,19 @@ class _CompiledEncoder:
             return compile_graph(graph, example_inputs)
 
         self._compiled = torch.compile(encoder, backend=counting)
+        self._exact_replay = exact_replay
 
     def __call__(self, **features):
         for value in features.values():
             if isinstance(value, torch.Tensor) and value.dim() == 2:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
                 torch._dynamo.mark_static(value, 1)
-        return self._compiled(**features)
+        if not self._exact_replay:
+            return self._compiled(**features)
+        from torch._inductor import config as inductor_config
+
+        with inductor_config.patch(fallback_random=True):
+            return self._compiled(**features)
 
 
 _MARKS = ("step_start", "step_end", "forward_start", "forward_end", "backward_start", "backward_end")
@@ -495,7 +504,8 @@ class StepRunner:
         if world > 1:
             # The encoder's pooler (and an unused MLP head) take no part in the loss.
             self.network = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        self.compiled = _CompiledEncoder(model.encoder) if config.compile else None
+        caching = config.mini_batch_size is not None or config.mini_batch_tokens is not None
+        self.compiled = _CompiledEncoder(model.encoder, exact_replay=caching) if config.compile else None
         self.clock = _EncoderClock(model)
         self._encoder = self.clock.timed(self.compiled or model.encoder)
 

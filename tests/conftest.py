@@ -66,6 +66,19 @@ def tiny_bert_dir(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def tiny_bert_without_dropout(tiny_bert_dir, tmp_path_factory):
+    """The tiny BERT with dropout off: training is then deterministic however it is batched."""
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path_factory.mktemp("tiny-bert-no-dropout")
+    model = transformers.BertModel.from_pretrained(tiny_bert_dir)
+    model.config.hidden_dropout_prob = 0.0
+    model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_bert_dir).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def sixteen_sentences_file(tmp_path):
     """Sixteen sentences in the tiny BERT's vocabulary, one per line: four batches of four."""

@@ -12,7 +12,7 @@ import pytest
 import torch
 from inputs import cpu_backends, random_embeddings, random_mask
 from loss_checks import check_op, make_inputs, with_grads
-from torch.utils._python_dispatch import TorchDispatchMode
+from syncs import HostSyncDetector
 
 import simcse_fast as sf
 from simcse_fast import _checks, _triton, distributed, functional, pooling, reference, similarity
@@ -105,30 +105,6 @@ def test_strategies_agree_on_the_sentence_transformers_layouts(
 
 
 # No host synchronization.
-
-HOST_SYNCHRONIZING = {
-    "aten._local_scalar_dense.default": ".item(), float(t), int(t), bool(t), .tolist()",
-    "aten.item.default": ".item()",
-    "aten.is_nonzero.default": "bool(t), an if on a tensor",
-    "aten.equal.default": "torch.equal",
-    "aten.lift_fresh.default": "torch.tensor(data) or indexing by a Python list: a host-to-device copy",
-    "aten.lift_fresh_copy.default": "torch.tensor(data): a host-to-device copy",
-    "aten.nonzero.default": "nonzero: an output shape read back",
-    "aten.masked_select.default": "masked_select: an output shape read back",
-    "aten.unique_dim.default": "unique: an output shape read back",
-    "aten._unique2.default": "unique: an output shape read back",
-}
-"""The aten calls that wait for the device (or copy host data to it) when the tensors are on a
-GPU. On CPU tensors nothing waits, but the same calls show where a GPU would."""
-
-
-class HostSyncDetector(TorchDispatchMode):
-    """Fails at the first aten call in ``HOST_SYNCHRONIZING`` made while active, naming it."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        reason = HOST_SYNCHRONIZING.get(str(func))
-        assert reason is None, f"host synchronization: {func} ({reason})"
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
