@@ -179,8 +179,8 @@ def test_a_step_reads_nothing_back_between_log_steps(
     """Seven steps (two epochs of 16 sentences in batches of 4, less one), the loss read every 3:
     no call of simcse_fast's (or of PyTorch's on its behalf: the optimizer, clipping) waits for
     the device or copies to it from the host, apart from the read's one and the batch's copy
-    from pinned memory; transformers' own mask check (one read per forward, skipped under
-    torch.compile) is all that remains."""
+    from pinned memory; transformers' own attention-mask code (one read per forward, skipped
+    under torch.compile) is all that remains."""
     run = config(tiny_bert_dir, sixteen_sentences_file, tmp_path / "run", max_steps=7, epochs=2, log_steps=3,
                  checkpoint_steps=100, mini_batch_size=mini_batch_size, device=device,
                  show_progress_bar=True)  # fmt: skip
@@ -195,7 +195,8 @@ def test_a_step_reads_nothing_back_between_log_steps(
         syncs = [event for event in events if isinstance(event, Sync)]
         ours = [sync for sync in syncs if sync.package != "transformers"]
         assert ours == [], f"step {index}: {ours}"
-        assert len(syncs) <= forwards, f"step {index}: {syncs}"
+        # transformers 5 reads the mask once per forward, 4.57 also copies a constant to the device
+        assert len(syncs) <= 2 * forwards and all("mask" in sync.where for sync in syncs), syncs
         copies = [event.where for event in events if isinstance(event, AsyncCopy)]
         assert all("batching.py" in where for where in copies)  # the batch's, pinned (on a GPU)
     assert 0 < summary["outside_encoder"] < 1 and summary["sentences"] == 7 * 4 and summary["seconds"] > 0
