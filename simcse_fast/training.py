@@ -775,7 +775,6 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     already_complete = saved is not None and position["step"] >= total_steps
     saved_length = config.max_seq_length or model.base_max_seq_length
     model.train()
-    runner = StepRunner(model, optimizer, scheduler, config, world=world)
     stop_group = _stop_group(world)
 
     def evaluate(step):
@@ -797,6 +796,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
             return None
         return tokenize([sentences[index] for index in planned.indices], planned.sentences)
 
+    runner = StepRunner(model, optimizer, scheduler, config, world=world)
     progress = _Progress(runner, world, bar, last_loss)
     try:
         with _StopRequests() as stop, Prefetcher(plan, prepare) as batches:
