@@ -325,3 +325,55 @@ def test_no_fallback_remains_for_hardness_or_gist():
         assert ours is not theirs and issubclass(ours, theirs), name
     source = inspect.getsource(losses)
     assert "hardness_mode=" not in source.split("def _unfusable_reason", 1)[1].split("def ", 1)[0]
+
+
+def _gloo_worker(rank: int, world: int, store: str, out_dir: str, model_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        generator = torch.Generator().manual_seed(rank)
+        results = {}
+        columns = random_columns(3, generator)
+        kwargs = {
+            "gather_across_devices": True,
+            "hardness_mode": "in_batch_negatives",
+            "hardness_strength": 5.0,
+        }
+        kwargs["directions"] = DIRECTION_PAIR
+        for side, module in (("ours", losses), ("theirs", st_losses)):
+            results["hardness", side] = loss_and_grads(
+                module.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns
+            )
+        model, guide = make_model(model_dir, models.Pooling), make_model(model_dir)
+        reps, reps_guided = gist_reps(generator, 3)
+        options = {"gather_across_devices": True, "margin": 0.05}
+        for side, module in (("ours", losses), ("theirs", st_losses)):
+            results["gist", side] = cached_gist_loss(
+                module.CachedGISTEmbedLoss, model, guide, reps, reps_guided, **options
+            )
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_hardness
+@pytest.mark.skipif("gather_across_devices" not in GIST_ARGUMENTS, reason="GIST gathers from 5.1")
+def test_gathered_across_gloo_ranks_matches_sentence_transformers(tiny_bert_dir, tmp_path):
+    """Two gloo processes: on each rank, hardness-weighted MNRL and CachedGIST with
+    gather_across_devices give sentence-transformers' loss and local gradients."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _gloo_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path), str(tiny_bert_dir)),
+        nprocs=2,
+        join=True,
+    )
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for name in ("hardness", "gist"):
+            assert_same(results[name, "ours"], results[name, "theirs"], f"rank {rank} {name}")
