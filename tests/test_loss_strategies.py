@@ -513,6 +513,24 @@ def test_bad_pinned_strategy(value, backend, message, monkeypatch):
         sf.info_nce(torch.randn(4, 8), torch.randn(4, 8), backend=backend)
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, "loss strategies here: torch; torch (the only strategy for CPU tensors)"),
+        ("gemm", "gemm, pinned by SIMCSE_FAST_LOSS_STRATEGY for CUDA tensors (CPU tensors run torch)"),
+        ("fastest", "is not a loss strategy"),
+    ],
+)
+def test_info_states_the_loss_strategy(value, expected, monkeypatch, capsys):
+    from simcse_fast import cli
+
+    if value is not None:
+        monkeypatch.setenv(select.STRATEGY_ENV_VAR, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["info"]) == 0
+    assert expected in capsys.readouterr().out
+
+
 def test_pinned_strategy_takes_the_dtype_default_tile(monkeypatch):
     monkeypatch.setenv(select.STRATEGY_ENV_VAR, "fused:128x128")
     assert select._with_tile(select.pinned_strategy(), 4) == "fused:64x64"
