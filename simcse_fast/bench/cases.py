@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import available_backends, functional, reference
+from .. import available_backends, functional, reference, similarity
 from .timing import Device
 
 PASSES = ("forward", "backward", "forward+backward")
@@ -80,6 +80,10 @@ DISPATCH_SHAPE = (1, 1, 8)
 
 QUICK_SKIPS_COMPILE = "skipped by --quick (compilation takes longer than the run)"
 
+COMPILE_BACKEND = "inductor"
+"""The ``torch.compile`` backend of the compiled peers. ``"eager"`` traces without generating
+code: the GPU check's dry run uses it to exercise those peers within its minute."""
+
 
 def pooling_bytes(batch: int, seq_len: int, hidden: int, element_size: int, mask_element_size: int = 1):
     """Bytes a pooling pass must move, by pass: the forward reads the token embeddings and the
@@ -117,7 +121,8 @@ class Case:
     """One implementation of one op at one shape: ``make_inputs()`` builds fresh leaf tensors
     (requiring grad), ``run(*inputs)`` returns the output whose backward is timed.
     ``memory_need`` estimates its peak bytes where they grow faster than its inputs (``None``:
-    no estimate); a case whose estimate exceeds the run's memory budget is skipped."""
+    no estimate); a case whose estimate exceeds the run's memory budget is skipped.
+    ``environment``: variables set while the case is measured (a pinned loss strategy)."""
 
     op: str
     impl: str
@@ -125,6 +130,7 @@ class Case:
     make_inputs: Callable[[], list[torch.Tensor]]
     run: Callable[..., torch.Tensor]
     memory_need: int | None = None
+    environment: dict[str, str] | None = None
 
 
 class _Inputs:
@@ -185,10 +191,14 @@ def _padded_probe(op: str, inputs: _Inputs):
 
 
 def _compiled(fn):
-    """``torch.compile(fn)``; it compiles on the first call, in the untimed warm-up."""
-    compiled = torch.compile(fn)
+    """``torch.compile(fn)`` with ``COMPILE_BACKEND``, made at the first call (building the cases
+    imports no compiler) and compiled there, in the untimed warm-up."""
+    compiled = None
 
     def run(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, backend=COMPILE_BACKEND)
         return compiled(*args, **kwargs)
 
     return run
@@ -281,10 +291,43 @@ def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, comp
     return [*cases, *padded_cases, eager], {**missing, **padded_missing}
 
 
+def _strategy_cases(shape_dict: dict, make_pair, device: Device) -> list[Case]:
+    """A case per loss strategy that runs on the device, pinned through
+    ``similarity.STRATEGY_ENV_VAR`` (``simcse_fast[fused]``, ...), and where there is a choice,
+    ``simcse_fast[auto]``: the strategy ``"auto"`` picks (``similarity.strategy_choices()``)."""
+    strategies = similarity.loss_strategies(device.device)
+    cases = [
+        Case("info_nce", f"simcse_fast[{strategy}]", shape_dict, make_pair, functional.info_nce,
+             environment={similarity.STRATEGY_ENV_VAR: strategy})
+        for strategy in strategies
+    ]  # fmt: skip
+    if len(strategies) > 1:
+        auto = {similarity.STRATEGY_ENV_VAR: "auto"}
+        cases.append(Case("info_nce", "simcse_fast[auto]", shape_dict, make_pair, functional.info_nce,
+                          environment=auto))  # fmt: skip
+    return cases
+
+
+def _linear_cross_entropy_case(shape_dict: dict, make_pair, scale: float) -> tuple[Case | None, str | None]:
+    """PyTorch's chunked ``F.linear_cross_entropy`` as the one-direction InfoNCE,
+    ``linear_cross_entropy(scale * unit(q), unit(k), arange(N))``, or why it is missing."""
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None, f"torch {torch.__version__} has no chunked F.linear_cross_entropy (PyTorch >= 2.13)"
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def linear_cross_entropy(anchors, candidates):
+        labels = torch.arange(anchors.shape[0], device=anchors.device)
+        unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        return F.linear_cross_entropy(scale * unit_a, unit_c, labels, options=options)
+
+    return Case("info_nce", "torch linear_cross_entropy", shape_dict, make_pair, linear_cross_entropy), None
+
+
 def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
-    """``info_nce`` of N anchors against M = N candidates of dimension D: our backends, the
-    eager reference, its torch.compile, sentence-transformers' MultipleNegativesRankingLoss
-    and inf_cl (on a GPU, where installed)."""
+    """``info_nce`` of N anchors against M = N candidates of dimension D: our loss strategies
+    (each pinned, and ``"auto"`` where there is a choice), the eager reference, its
+    torch.compile, PyTorch's chunked ``F.linear_cross_entropy`` (where present),
+    sentence-transformers' MultipleNegativesRankingLoss and inf_cl (on a GPU, where installed)."""
     n, d = shape
     inputs = _Inputs(device, dtype)
     shape_dict = {"N": n, "M": n, "D": d}
@@ -293,17 +336,18 @@ def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compil
     def make_pair():
         return [inputs.randn(n, d).requires_grad_(), inputs.randn(n, d).requires_grad_()]
 
-    probe = [inputs.randn(4, 8), inputs.randn(4, 8)]
-    cases, missing = _our_cases(
-        op, shape_dict, make_pair, lambda backend: functools.partial(functional.info_nce, backend=backend),
-        lambda backend: functional.info_nce(*probe, backend=backend), device,
-    )  # fmt: skip
+    cases, missing = _strategy_cases(shape_dict, make_pair, device), {}
     cases.append(Case(op, "reference (eager)", shape_dict, make_pair, reference.info_nce, matrix_need))
     if compile_peers:
         compiled = _compiled(reference.info_nce)
         cases.append(Case(op, "reference (torch.compile)", shape_dict, make_pair, compiled, matrix_need))
     else:
         missing["reference (torch.compile)"] = QUICK_SKIPS_COMPILE
+    chunked, reason = _linear_cross_entropy_case(shape_dict, make_pair, scale=20.0)
+    if chunked is None:
+        missing["torch linear_cross_entropy"] = reason
+    else:
+        cases.append(chunked)
     st_losses, _, reason = _sentence_transformers()
     if st_losses is None:
         missing["sentence-transformers MNRL"] = reason
@@ -324,7 +368,7 @@ def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compil
         scale = torch.tensor(20.0, device=device.device)
 
         def inf_cl_info_nce(anchors, candidates):
-            unit_a, unit_c = F.normalize(anchors, dim=1), F.normalize(candidates, dim=1)
+            unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
             return inf_cl(unit_a, unit_c, scale=scale, head_dim=head_dim)
 
         cases.append(Case(op, "inf_cl", shape_dict, make_pair, inf_cl_info_nce))
