@@ -55,37 +55,21 @@ MIN_STAGE_S = 5.0
 """A stage with less time than this left in the budget is skipped."""
 LOG_CAP_BYTES = 3 * 2**20
 """The log keeps at most this much of one stage's output (its beginning and its end)."""
-OUTPUT_FILES = (
-    "results.json",
-    "results.md",
-    "summary.md",
-    "gpu_check.log",
-    "pytest.xml",
-    "loss_time_memory.png",
-    "pooling_bandwidth.png",
-)
+OUTPUT_FILES = ("results.json", "results.md", "summary.md", "gpu_check.log", "pytest.xml",
+                "loss_time_memory.png", "pooling_bandwidth.png")  # fmt: skip
 """Everything written under ``--out`` (a GPU machine returns at most eight files)."""
-VERSIONS_OF = (
-    "torch",
-    "triton",
-    "transformers",
-    "sentence-transformers",
-    "numpy",
-    "datasets",
-    "accelerate",
-    "pytest",
-    "hypothesis",
-    "matplotlib",
-    "setuptools",
-    "pybind11",
-)
+VERSIONS_OF = ("torch", "triton", "transformers", "sentence-transformers", "numpy", "datasets", "accelerate",
+               "pytest", "hypothesis", "matplotlib", "setuptools", "pybind11")  # fmt: skip
+"""The packages whose versions a run records."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """What the benchmark stages measure: shapes (loss ``(N, D)`` with M = N, pooling
-    ``(B, L, H)``), the training step's encoder (``train_step.ENCODERS``), batch and mini-batch,
-    and how (``simcse-fast bench``'s preset and repeats, the ``torch.compile`` backend)."""
+    """What the stages measure: shapes (loss ``(N, D)`` with M = N, the gradient error's
+    ``(N, D)``, pooling ``(B, L, H)``), the training step's encoder (``train_step.ENCODERS``),
+    batch, mini-batch, measured steps and the batches of the largest-batch search; how
+    (``simcse-fast bench``'s preset, repeats and seconds per pass, the ``torch.compile``
+    backend); and the paths ``pytest -m gpu`` runs."""
 
     dtype: str
     loss: tuple
@@ -219,6 +203,7 @@ def stage_install(ctx: Context) -> None:
         ctx.save(install=record)
         if pip.returncode != 0:
             record["fallback"] = _build_in_place(archs)
+            ctx.save(install=record)
     import simcse_fast
     from simcse_fast import _backends
 
@@ -249,7 +234,7 @@ def _build_in_place(archs: str) -> dict:
     started = time.perf_counter()
     completed = subprocess.run(command, cwd=ROOT)
     return {
-        "command": " ".join(command),
+        "command": " ".join(command).replace(f"{ROOT}/", ""),
         "returncode": completed.returncode,
         "seconds": time.perf_counter() - started,
     }
@@ -388,9 +373,6 @@ def stage_loss(ctx: Context) -> None:
     """The bf16 gradient error of each loss strategy and of eager PyTorch against float64 (easy
     positives), then the loss timed: every strategy pinned, ``"auto"``, and the peers except
     ``torch.compile`` (its own stage)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import functools
-
     import loss_precision
 
     from simcse_fast import functional, similarity
@@ -401,18 +383,18 @@ def stage_loss(ctx: Context) -> None:
         f"simcse_fast[{strategy}]": (functional.info_nce, {similarity.STRATEGY_ENV_VAR: strategy})
         for strategy in similarity.loss_strategies(device)
     }
-    implementations["eager PyTorch"] = (functools.partial(loss_precision.eager_info_nce), None)
-    rows = loss_precision.gradient_errors(implementations, n, dim, device, _dtype(ctx))
-    ctx.save(
-        precision={
-            "N": n,
-            "D": dim,
-            "dtype": ctx.sizes.dtype,
-            "rows": rows,
-            "positives": "anchor + 0.35 N(0, 1)",
-            "scale": 20.0,
-        }
-    )
+    implementations["eager PyTorch"] = (loss_precision.eager_info_nce, None)
+    record = {"N": n, "D": dim, "dtype": ctx.sizes.dtype, "positives": "anchor + 0.35 N(0, 1)", "scale": 20.0,
+              "rows": [], "errors": {}}  # fmt: skip
+    for name, implementation in implementations.items():
+        try:
+            record["rows"] += loss_precision.gradient_errors(
+                {name: implementation}, n, dim, device, _dtype(ctx)
+            )
+        except Exception as error:
+            traceback.print_exc()
+            record["errors"][name] = _first_line(error)
+        ctx.save(precision=record)
     _run_bench(ctx, ("loss",), lambda case: not _is_compiled(case), dispatch=False)
 
 
@@ -431,7 +413,6 @@ def stage_compile(ctx: Context) -> None:
 def stage_train(ctx: Context) -> None:
     """Each implementation of ``benchmarks/train_step.py`` at the check's batch, then the largest
     batch ``simcse-fast train --mini-batch-size`` fits, searched within the stage's limit."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import train_step
 
     sizes = ctx.sizes
@@ -463,15 +444,20 @@ def stage_train(ctx: Context) -> None:
             row = {"impl": name, "batch": sizes.batch, "status": f"error: {_first_line(error)}"}
         record["rows"].append(row)
         ctx.save(train_step=record)
-    record["largest_cached"] = train_step.largest_batch(
-        str(folder),
-        train_step.CACHED,
-        sizes.search_start,
-        ctx.deadline - GRACE_S,
-        limit=sizes.search_limit,
-        mini_batch_size=sizes.mini_batch_size,
-    )
-    ctx.save(train_step=record)
+
+    def save_search(search: dict) -> None:
+        record["largest_cached"] = search
+        ctx.save(train_step=record)
+
+    try:
+        train_step.largest_batch(
+            str(folder), train_step.CACHED, sizes.search_start, ctx.deadline - GRACE_S,
+            limit=sizes.search_limit, mini_batch_size=sizes.mini_batch_size, on_try=save_search,
+        )  # fmt: skip
+    except Exception as error:
+        traceback.print_exc()
+        search = record.get("largest_cached") or {"impl": train_step.CACHED, "largest": None, "tries": []}
+        save_search(search | {"stopped_by": f"error: {_first_line(error)}"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,6 +486,7 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 def run_stage_process(ctx: Context) -> int:
     """The body of a stage's process: runs the stage, saving its error if it fails."""
     stage = next(stage for stage in STAGES if stage.name == ctx.stage)
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # the checkout, installed or not
     try:
         stage.run(ctx)
     except KeyboardInterrupt:
@@ -608,6 +595,8 @@ class Run:
             log.write(f"[gpu_check {time.strftime('%H:%M:%S')}] {message}\n")
 
     def run_stage(self, stage: Stage) -> dict:
+        """Runs ``stage`` in its own process under its limit (less where the budget has less
+        left), its output appended to the log; returns its outcome (status, seconds, reason)."""
         elapsed = time.time() - self.started
         left = self.budget_s - REPORT_RESERVE_S - elapsed
         limit = self.limits.get(stage.name, stage.limit_s)
@@ -618,16 +607,8 @@ class Run:
             return outcome | {"status": "skipped", "reason": reason}
         timeout = min(limit, left)
         self.note(f"{stage.name} ({stage.what}): started, limit {timeout:.0f} s")
-        command = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--stage",
-            stage.name,
-            "--work",
-            str(self.work),
-            "--deadline",
-            str(time.time() + timeout),
-        ]
+        command = [sys.executable, str(Path(__file__).resolve()), "--stage", stage.name,
+                   "--work", str(self.work), "--deadline", str(time.time() + timeout)]  # fmt: skip
         command += ["--dry-run"] if self.dry_run else []
         command += ["--cuda-archs", self.cuda_archs] if self.cuda_archs else []
         started = time.time()
@@ -696,11 +677,11 @@ def gather(run: Run) -> dict:
             "dispatch_shape",
             "memory_budget_gb",
             "memory_budget_source",
-            "loss_strategy_choices",
             "preset",
         ):
             if key in part:
                 document[key] = part[key]
+        document.setdefault("loss_strategy_choices", {}).update(part.get("loss_strategy_choices", {}))
         document["rows"] += _not_run_rows(
             results[stage].get("planned", []), part.get("rows", []), outcomes.get(stage), document["dtype"]
         )

@@ -319,48 +319,67 @@ def measure(folder: str, name: str, batch: int, *, mini_batch_size: int | None =
 
 
 def largest_batch(folder: str, name: str, start: int, deadline: float, *, limit: int = 2**17,
-                  mini_batch_size: int | None = None, device=None) -> dict:  # fmt: skip
+                  mini_batch_size: int | None = None, device=None, on_try=None) -> dict:  # fmt: skip
     """The largest batch at which implementation ``name`` trains, searched by doubling from
     ``start`` until a step runs out of memory, the batch reaches ``limit`` or the next try
-    (estimated: twice the last one's time, twice) would end after ``deadline``
-    (``time.time()``). Returns the largest batch that ran, why the search stopped, and each try."""
-    tries, batch, reason = [], start, None
-    while reason is None:
+    (estimated: twice the last one's time) would end after ``deadline`` (``time.time()``).
+    Returns the largest batch that ran, why the search stopped and each try; ``on_try`` is
+    called with that result, so far, after each try."""
+    unfinished = "not finished (stopped from outside)"
+    search = {"impl": name, "largest": None, "stopped_by": unfinished, "tries": []}
+    batch = start
+    while True:
         started = time.time()
         row = measure(folder, name, batch, mini_batch_size=mini_batch_size, repeats=1, device=device)
         row["wall_s"] = time.time() - started
-        tries.append(row)
+        search["tries"].append(row)
         if row["status"] != "ok":
-            reason = f"out of memory at batch {batch}"
+            search["stopped_by"] = f"out of memory at batch {batch}"
         elif batch * 2 > limit:
-            reason = f"the search stops at batch {limit}"
+            search["largest"], search["stopped_by"] = batch, f"the search stops at batch {limit}"
         elif time.time() + 2 * row["wall_s"] > deadline:
-            reason = f"time: the next try (batch {2 * batch}, ~{2 * row['wall_s']:.0f} s) would end too late"
+            search["largest"] = batch
+            search["stopped_by"] = (
+                f"time: the next try (batch {2 * batch}, ~{2 * row['wall_s']:.0f} s) would end late"
+            )
+        else:
+            search["largest"] = batch
+        if on_try is not None:
+            on_try(search)
+        if search["stopped_by"] != unfinished:
+            return search
         batch *= 2
-    fitted = [row["batch"] for row in tries if row["status"] == "ok"]
-    return {"impl": name, "largest": max(fitted, default=None), "stopped_by": reason, "tries": tries}
+
+
+def table(rows: list[dict]) -> list[str]:
+    """Rows of :func:`measure` as markdown table lines: time, sentences/s, peak extra memory and,
+    on a GPU, the memory held between steps."""
+    lines = [
+        "| batch | implementation | median s | p20-p80 s | sentences/s | peak extra MB | held MB |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in rows:
+        head = f"| {row['batch']} | {row['impl']} |"
+        if row["status"] != "ok":
+            lines.append(f"{head} {row['status']} | | | | |")
+            continue
+        seconds = row["seconds"]
+        held = "" if row.get("held_mb") is None else f"{row['held_mb']:.0f}"
+        lines.append(
+            f"{head} {seconds['p50']:.3f} | {seconds['p20']:.3f}-{seconds['p80']:.3f} | "
+            f"{row['sentences_per_s']:.0f} | {row['peak_extra_mb']:.0f} | {held} |"
+        )
+    return lines
 
 
 def _markdown(document: dict) -> str:
-    """The rows of a run as a markdown table."""
-    lines = [
-        f"One training step, encoder {document['encoder']} ({SEQUENCE_LENGTH} tokens a sentence); "
-        f"{document['device']}; torch {document['torch']}; commit {document['commit']}",
-        "",
-        "| batch | implementation | median s | p20-p80 s | sentences/s | peak extra MB |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
-    ]
-    for row in document["rows"]:
-        head = f"| {row['batch']} | {row['impl']} |"
-        if row["status"] != "ok":
-            lines.append(f"{head} {row['status']} | | | |")
-            continue
-        seconds = row["seconds"]
-        lines.append(
-            f"{head} {seconds['p50']:.3f} | {seconds['p20']:.3f}-{seconds['p80']:.3f} | "
-            f"{row['sentences_per_s']:.0f} | {row['peak_extra_mb']:.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+    """A run as markdown: what and where, then the table."""
+    head = (
+        f"One training step, encoder {document['encoder']} ({SEQUENCE_LENGTH} tokens a sentence), "
+        f"mini-batches of {document['mini_batch_size']} where cached; {document['device']}; torch "
+        f"{document['torch']}; commit {document['commit']}"
+    )
+    return "\n".join([head, "", *table(document["rows"])]) + "\n"
 
 
 def main() -> None:

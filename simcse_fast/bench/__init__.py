@@ -2,19 +2,22 @@
 
 For each op (padded pooling ``masked_mean_pool`` / ``masked_max_pool``, packed pooling
 ``packed_mean_pool`` / ``packed_max_pool``, the loss ``info_nce``), shape and implementation —
-every simcse_fast backend that runs on the device and the peers a user would pick instead (the
-eager reference, ``torch.compile`` of it, sentence-transformers, inf_cl; for packed pooling the
-padded op on the same sentences) — it measures forward, backward and forward + backward
-separately: p20, median and p80 of the time, peak extra memory, and throughput against ceilings
-measured in the same run (GB/s of the bytes a pooling pass must move against a large device
-copy, useful TFLOP/s of the loss against a large matmul). It also times one tiny
-``masked_mean_pool`` call per backend: the per-call (dispatch) overhead.
+every simcse_fast backend that runs on the device (for the loss, every loss strategy, pinned,
+and the one ``"auto"`` picks) and the peers a user would pick instead (the eager reference,
+``torch.compile`` of it, PyTorch's chunked ``F.linear_cross_entropy``, sentence-transformers,
+inf_cl; for packed pooling the padded op on the same sentences) — it measures forward,
+backward and forward + backward separately: p20, median and p80 of the time, peak extra
+memory, and throughput against ceilings measured in the same run (GB/s of the bytes a pooling
+pass must move against a large device copy, useful TFLOP/s of the loss against a large
+matmul). It also times one tiny ``masked_mean_pool`` call per backend: the per-call (dispatch)
+overhead.
 
-A pass whose p80/p20 exceeds ``timing.BUSY_SPREAD`` is listed in the document's
-``busy_warnings``: the machine was busy. An implementation that runs out of memory is recorded
-as ``"oom"`` at that shape (and not tried at larger ones), never as a crash; one whose
-estimated need exceeds the memory budget is recorded as ``"skipped: would need X GB"`` without
-running (on a CPU, running out of memory means the kernel kills the process).
+A pass whose p80/p20 exceeds ``timing.BUSY_SPREAD``, or a forward or backward slower than the
+forward + backward of the same case, is listed in the document's ``busy_warnings``: the machine
+was busy. An implementation that runs out of memory is recorded as ``"oom"`` at that shape (and
+not tried at larger ones), never as a crash; one whose estimated need exceeds the memory budget
+is recorded as ``"skipped: would need X GB"`` without running (on a CPU, running out of memory
+means the kernel kills the process).
 
 Layout: ``cases`` (shapes, work models, implementations per op family), ``timing`` (clocks,
 memory, percentiles), ``report`` (markdown, JSON, plots); this module runs them.
