@@ -9,8 +9,9 @@ pooling and a training step, and writes everything under one folder.
 Each stage runs in its own process under its own time limit (``STAGES``; ``--limits`` changes
 them), within an overall budget (``--budget``, 8 minutes by default): a stage that reaches its
 limit is interrupted (SIGINT, then SIGKILL after ``GRACE_S``), what it measured before is
-kept, and the next stage starts. The output is rewritten after every stage, so a run that is
-cut short still leaves what finished. ``DIR`` receives at most eight files: ``results.json``
+kept, and the next stage starts. The results are rewritten after every stage, so a run that is
+cut short still leaves what finished (the plots are drawn at the end; ``--report`` draws them
+for a run cut short). ``DIR`` receives at most eight files: ``results.json``
 (everything, in the format of ``simcse-fast bench``'s results plus the GPU check's sections),
 ``results.md`` (the tables), ``summary.md`` (what met its target and what did not),
 ``gpu_check.log`` (the build log and every stage's output), ``pytest.xml`` (the GPU tests'
@@ -118,7 +119,7 @@ DRY_RUN_SIZES = Sizes(
     mini_batch_size=8,
     train_repeats=2,
     search_start=32,
-    search_limit=64,
+    search_limit=32,
     preset="quick",
     min_repeats=2,
     min_seconds=0.0,
@@ -505,7 +506,8 @@ def run_stage_process(ctx: Context) -> int:
 
 def stage_environment(work: Path, dry_run: bool) -> dict:
     """The environment of the stages' processes: the checkout importable, unbuffered output, no
-    network access attempted, no progress bars, and no Triton interpreter on a GPU."""
+    network access attempted, no progress bars; no Triton interpreter on a GPU, one thread in a
+    dry run."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env |= {
@@ -518,7 +520,11 @@ def stage_environment(work: Path, dry_run: bool) -> dict:
         "TQDM_DISABLE": "1",
         "WANDB_DISABLED": "true",
     }
-    if not dry_run:
+    if dry_run:
+        # Tiny sizes gain nothing from threads, and a machine shared with other work loses much
+        # to oversubscribed ones.
+        env.setdefault("OMP_NUM_THREADS", "1")
+    else:
         env.pop("TRITON_INTERPRET", None)
     return env
 
@@ -803,10 +809,6 @@ def _package_version() -> str | None:
     return match.group(1) if match else None
 
 
-ROW_STAGES = ("loss", "pooling", "compile")
-"""The stages whose rows the plots draw."""
-
-
 def orchestrate(run: Run) -> int:
     """Runs the stages in order, rewriting the output after each; returns 0 when every stage
     ran to completion, 1 otherwise (the output is written either way), 130 when interrupted."""
@@ -822,13 +824,15 @@ def orchestrate(run: Run) -> int:
                 run.outcomes.append(run.run_stage(stage))
                 if (run.work / "pytest.xml").exists():
                     shutil.copyfile(run.work / "pytest.xml", run.out / "pytest.xml")
-                write_reports(gather(run), run.out, plots=stage.name in ROW_STAGES)
+                # The plots wait for the end: --report draws them from results.json if the run
+                # is cut short.
+                write_reports(gather(run), run.out, plots=False)
     except KeyboardInterrupt:
         run.note("interrupted: writing what finished")
         write_reports(gather(run), run.out)
         return 130
     document = gather(run)
-    write_reports(document, run.out, plots=False)
+    write_reports(document, run.out)
     written = sorted(path.name for path in run.out.iterdir() if path.name in OUTPUT_FILES)
     run.note(
         f"wrote {', '.join(written)} in {run.out}; "

@@ -416,7 +416,7 @@ def test_linear_cross_entropy_peer_is_the_one_direction_info_nce(generator):
     if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
         pytest.skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
     device = bench.Device(torch.device("cpu"))
-    cases, _ = bench.build_loss("info_nce", (64, 16), torch.float64, device, False)
+    cases, _ = bench.build_loss("info_nce", (64, 16), torch.float64, device, True)
     peer = next(case for case in cases if case.impl == "torch linear_cross_entropy")
     anchors, candidates = (torch.randn(64, 16, generator=generator, dtype=torch.float64) for _ in range(2))
     torch.testing.assert_close(

@@ -80,6 +80,8 @@ DISPATCH_SHAPE = (1, 1, 8)
 
 QUICK_SKIPS_COMPILE = "skipped by --quick (compilation takes longer than the run)"
 
+QUICK_SKIPS_CHUNKED = "skipped by --quick on a CPU (its chunked path takes seconds a call at N = 4096 there)"
+
 COMPILE_BACKEND = "inductor"
 """The ``torch.compile`` backend of the compiled peers. ``"eager"`` traces without generating
 code: the GPU check's dry run uses it to exercise those peers within its minute."""
@@ -326,8 +328,10 @@ def _linear_cross_entropy_case(shape_dict: dict, make_pair, scale: float) -> tup
 def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
     """``info_nce`` of N anchors against M = N candidates of dimension D: our loss strategies
     (each pinned, and ``"auto"`` where there is a choice), the eager reference, its
-    torch.compile, PyTorch's chunked ``F.linear_cross_entropy`` (where present),
-    sentence-transformers' MultipleNegativesRankingLoss and inf_cl (on a GPU, where installed)."""
+    torch.compile, PyTorch's chunked ``F.linear_cross_entropy`` (where present; not in a CPU's
+    ``--quick``), sentence-transformers' MultipleNegativesRankingLoss and inf_cl (on a GPU,
+    where installed). ``compile_peers``: whether the slow peers (the compiled reference, the
+    chunked loss on a CPU) are timed."""
     n, d = shape
     inputs = _Inputs(device, dtype)
     shape_dict = {"N": n, "M": n, "D": d}
@@ -344,6 +348,8 @@ def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compil
     else:
         missing["reference (torch.compile)"] = QUICK_SKIPS_COMPILE
     chunked, reason = _linear_cross_entropy_case(shape_dict, make_pair, scale=20.0)
+    if chunked is not None and not compile_peers and not device.is_cuda:
+        chunked, reason = None, QUICK_SKIPS_CHUNKED
     if chunked is None:
         missing["torch linear_cross_entropy"] = reason
     else:

@@ -197,6 +197,9 @@ def _plot_loss(document: dict, rows: list[dict], plt, path: Path) -> None:
     impls = sorted({row["impl"] for row in rows})
     dims = sorted({row["shape"]["D"] for row in rows})
     colors = _colors(plt, impls)
+    if max(len({row["shape"]["N"] for row in rows if row["shape"]["D"] == dim}) for dim in dims) < 3:
+        _plot_loss_bars(document, rows, plt, path, colors)
+        return
     legend_height = 0.25 * math.ceil(len(impls) / 3) + 0.15
     if len(dims) == 1:
         height = 4.2 + legend_height
@@ -243,6 +246,39 @@ def _plot_loss(document: dict, rows: list[dict], plt, path: Path) -> None:
     plt.close(figure)
 
 
+def _plot_loss_bars(document: dict, rows: list[dict], plt, path: Path, colors: dict) -> None:
+    """The loss at a few shapes (fewer than three N per D: no curve to draw): forward + backward
+    time and peak extra memory side by side, a group of bars per shape, a bar per
+    implementation, log scales; a case that did not run is named in its group's label."""
+    from matplotlib.patches import Patch
+
+    shapes = sorted({(row["shape"]["N"], row["shape"]["D"]) for row in rows})
+    measured = [row for row in rows if row["status"] == "ok"]
+    groups = []
+    for n, dim in shapes:
+        mine = [row for row in rows if (row["shape"]["N"], row["shape"]["D"]) == (n, dim)]
+        failed = sorted({f"{row['impl']}: {row['status']}" for row in mine if row["status"] != "ok"})
+        groups.append(
+            ("\n".join([f"N={n}, D={dim}", *failed]), [row for row in mine if row["status"] == "ok"])
+        )
+    height = 1.2 + 0.2 * len(measured) + 0.25 * len(shapes) + 0.25 * math.ceil(len(colors) / 3)
+    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(12, height))
+    for axis, key, title in ((time_axis, "median_ms", "info_nce forward+backward, median ms"),
+                             (memory_axis, "peak_mem_mb", "peak extra MB")):  # fmt: skip
+        values = [row[key] or 0.0 for row in measured]
+        _grouped_bars(axis, groups, lambda row, key=key: max(row[key] or 0.0, 1e-3), lambda row: row["impl"],
+                      colors, note=lambda row, key=key: f"{row[key] or 0:.3g}")  # fmt: skip
+        _log_axis(axis, max(min(values, default=1.0), 1e-3) / 2, max(values, default=1.0) * 4)
+        axis.set_title(title, fontsize=9)
+    figure.suptitle(f"{document['device']} — {document['dtype']}")
+    legend_height = 0.25 * math.ceil(len(colors) / 3) + 0.15
+    bottom = legend_height / height
+    figure.tight_layout(rect=(0, bottom, 1, 1))
+    _legend_below(figure, [Patch(color=color) for color in colors.values()], list(colors), bottom)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
 def _pooling_label(row: dict) -> str:
     """A pooling row's implementation, the padded op measured beside a packed one shortened to
     "..., padded op"."""
@@ -256,13 +292,43 @@ def _pooling_shape_label(shape: dict) -> str:
     return f"{text}\nT={shape['T']}" if "T" in shape else text
 
 
+def _log_axis(axis, low: float, high: float) -> None:
+    """A log x-axis from ``low`` to ``high`` labelled 1, 2, 5 per decade in plain numbers."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    axis.set_xscale("log")
+    axis.set_xlim(low, high)
+    axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+    axis.grid(True, axis="x", which="major", alpha=0.3)
+
+
+def _grouped_bars(axis, groups: list[tuple[str, list[dict]]], value, label, colors, note=None) -> None:
+    """Horizontal bars, a group per ``(tick label, rows)``, a bar per row: length ``value(row)``,
+    colour ``colors[label(row)]``, and ``note(row)`` written at its end where given."""
+    ticks, tick_labels, position = [], [], 0.0
+    for text, group in groups:
+        first = position
+        for row in sorted(group, key=label):
+            axis.barh(position, value(row), height=0.8, color=colors[label(row)])
+            if note is not None:
+                axis.annotate(note(row), (value(row), position), fontsize=7, xytext=(2, 0),
+                              textcoords="offset points", va="center")  # fmt: skip
+            position += 1
+        ticks.append((first + position - 1) / 2)
+        tick_labels.append(text)
+        position += 0.8
+    axis.set_yticks(ticks, tick_labels, fontsize=8)
+    axis.invert_yaxis()
+
+
 def _plot_pooling(document: dict, rows: list[dict], plt, path: Path) -> None:
     """Forward + backward bandwidth of pooling: a panel per op, in each a group of horizontal
     bars per shape (one bar per implementation, labelled with its fraction of the device copy),
     GB/s on a log scale shared by the panels, the device copy's as a dashed line; the legend
     under the panels."""
     from matplotlib.patches import Patch
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ops = [op for family in ("pooling", "packed") for op in OPS[family] if any(r["op"] == op for r in rows)]
     labels = sorted({_pooling_label(row) for row in rows})
@@ -287,30 +353,15 @@ def _plot_pooling(document: dict, rows: list[dict], plt, path: Path) -> None:
         mine = [r for r in rows if r["op"] == op]
         shapes = sorted({shape_text(r["shape"]): r["shape"] for r in mine}.items(),
                         key=lambda item: math.prod(item[1][k] for k in ("B", "L", "H")))  # fmt: skip
-        ticks, tick_labels, position = [], [], 0.0
-        for text, shape in shapes:
-            group = sorted((r for r in mine if shape_text(r["shape"]) == text), key=_pooling_label)
-            first = position
-            for row in group:
-                axis.barh(position, row["gbps"], height=0.8, color=colors[_pooling_label(row)])
-                axis.annotate(f"{100 * row['gbps'] / copy_gbps:.2g}%", (row["gbps"], position), fontsize=7,
-                              xytext=(2, 0), textcoords="offset points", va="center")  # fmt: skip
-                position += 1
-            ticks.append((first + position - 1) / 2)
-            tick_labels.append(_pooling_shape_label(shape))
-            position += 0.8
-        axis.set_yticks(ticks, tick_labels, fontsize=8)
-        axis.invert_yaxis()
+        groups = [(_pooling_shape_label(shape), [r for r in mine if shape_text(r["shape"]) == text])
+                  for text, shape in shapes]  # fmt: skip
+        _grouped_bars(axis, groups, lambda row: row["gbps"], _pooling_label, colors,
+                      note=lambda row: f"{100 * row['gbps'] / copy_gbps:.2g}%")  # fmt: skip
         axis.axvline(copy_gbps, color="black", linestyle="--", linewidth=1)
-        axis.set_xscale("log")
-        axis.set_xlim(lowest / 2, copy_gbps * 2)
-        axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-        axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-        axis.xaxis.set_minor_formatter(NullFormatter())
+        _log_axis(axis, lowest / 2, copy_gbps * 2)
         axis.set_title(op, fontsize=9)
         axis.set_ylabel("B×L×H", fontsize=8)
         axis.set_xlabel("GB/s, forward+backward (label: % of the device copy)", fontsize=8)
-        axis.grid(True, axis="x", which="major", alpha=0.3)
     handles = [Patch(color=colors[label]) for label in labels]
     handles.append(plt.Line2D([], [], color="black", linestyle="--"))
     figure.suptitle(f"pooling bandwidth — {document['device']} — {document['dtype']}")
