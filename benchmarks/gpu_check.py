@@ -331,9 +331,13 @@ def _planned(ops, sizes: dict, dtype, device: str, compile_peers: bool, select) 
     for family in ops:
         for op in bench.OPS[family]:
             for shape in sizes.get(family, []):
-                cases, _ = FAMILIES[family].build(op, shape, dtype, bench_device, compile_peers)
+                cases, _ = FAMILIES[family].build(
+                    op, shape, dtype, bench_device, compile_peers, wanted=select
+                )
                 planned += [
-                    {"op": case.op, "impl": case.impl, "shape": case.shape} for case in cases if select(case)
+                    {"op": case.op, "impl": case.impl, "shape": case.shape}
+                    for case in cases
+                    if select(case.impl)
                 ]
     return planned
 
@@ -366,8 +370,8 @@ def _run_bench(ctx: Context, ops, select, dispatch: bool) -> None:
     ctx.save(document=document)
 
 
-def _is_compiled(case) -> bool:
-    return case.impl == "reference (torch.compile)"
+def _is_compiled(impl: str) -> bool:
+    return impl == "reference (torch.compile)"
 
 
 def stage_loss(ctx: Context) -> None:
@@ -396,13 +400,13 @@ def stage_loss(ctx: Context) -> None:
             traceback.print_exc()
             record["errors"][name] = _first_line(error)
         ctx.save(precision=record)
-    _run_bench(ctx, ("loss",), lambda case: not _is_compiled(case), dispatch=False)
+    _run_bench(ctx, ("loss",), lambda impl: not _is_compiled(impl), dispatch=False)
 
 
 def stage_pooling(ctx: Context) -> None:
     """Padded and packed pooling, mean and max, every backend and peer except ``torch.compile``
     (its own stage), and each backend's dispatch overhead."""
-    _run_bench(ctx, ("pooling", "packed"), lambda case: not _is_compiled(case), dispatch=True)
+    _run_bench(ctx, ("pooling", "packed"), lambda impl: not _is_compiled(impl), dispatch=True)
 
 
 def stage_compile(ctx: Context) -> None:

@@ -427,3 +427,16 @@ def test_linear_cross_entropy_peer_is_the_one_direction_info_nce(generator):
 def test_ceilings_name_their_headline():
     with pytest.raises(ValueError, match="headline"):
         bench.measure_ceilings(bench.Device(torch.device("cpu")), torch.float32, headline="best")
+
+
+def test_select_builds_and_runs_only_the_implementations_named(monkeypatch, no_ceiling_runs):
+    monkeypatch.setattr(bench, "measure_case", _fake_timings(spread_factor=1.1))
+    saved = []
+    document = bench.run_benchmark(
+        ops=("loss",), sizes={"loss": [(8, 16)]}, device="cpu", min_repeats=1, progress=False,
+        select=lambda impl: impl == "reference (eager)", dispatch=False,
+        on_rows=lambda document, rows: saved.append(len(rows)),
+    )  # fmt: skip
+    assert {row["impl"] for row in document["rows"]} == {"reference (eager)"} and saved == [3]
+    assert "sentence-transformers MNRL" not in document["missing_peers"]
+    assert "dispatch_overhead_us" not in document

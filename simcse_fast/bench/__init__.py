@@ -223,7 +223,7 @@ def run_benchmark(
     ceilings: dict | None = None,
     min_seconds: float | None = None,
     compile_peers: bool | None = None,
-    select: Callable[[Case], bool] | None = None,
+    select: Callable[[str], bool] | None = None,
     dispatch: bool = True,
     on_rows: Callable[[dict, list[dict]], None] | None = None,
     errors: str = "raise",
@@ -239,7 +239,8 @@ def run_benchmark(
     For runs split into parts (the GPU check): ``ceilings`` measured before are used instead of
     measuring them again; ``min_seconds`` replaces the preset's least time measured per pass
     (``0``: ``min_repeats`` runs only); ``compile_peers`` overrides the preset's choice of timing the
-    ``torch.compile`` peers; only the cases for which ``select(case)`` is true are run;
+    ``torch.compile`` peers; only the implementations whose name ``select(impl)`` accepts are
+    built and run;
     ``dispatch=False`` leaves out the dispatch overhead; ``on_rows(document, rows)`` is called
     with the rows of each case as soon as they are measured, so a caller can keep them even if
     a later case never returns; ``errors="record"`` records a case that fails (other than by
@@ -284,7 +285,9 @@ def run_benchmark(
     bar = tqdm(total=len(tasks), desc="simcse-fast bench", unit="shape", disable=not progress)
     try:
         for family, op, shape in tasks:
-            cases, missing = FAMILIES[family].build(op, shape, dtype, bench_device, compile_peers)
+            cases, missing = FAMILIES[family].build(
+                op, shape, dtype, bench_device, compile_peers, wanted=select
+            )
             document["missing_peers"].update(missing)
             # Each memory measurement starts with a full garbage collection, which the heap of
             # torch, transformers and sentence-transformers makes slow (seconds on a busy CPU):
@@ -292,7 +295,7 @@ def run_benchmark(
             gc.collect()
             gc.freeze()
             for case in cases:
-                if select is not None and not select(case):
+                if select is not None and not select(case.impl):
                     continue
                 bar.set_postfix_str(f"{op} {case.impl} {shape}")
                 rows = case_rows(

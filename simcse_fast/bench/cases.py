@@ -224,10 +224,11 @@ def _inf_cl_loss() -> tuple[object, str | None]:
     return cal_inf_loss, None
 
 
-def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
+def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+                  wanted: Callable[[str], bool] | None = None):  # fmt: skip
     """``masked_mean_pool`` / ``masked_max_pool`` of a padded (B, L, H) batch with random
     lengths: our backends, the eager reference, its torch.compile and sentence-transformers'
-    Pooling."""
+    Pooling (imported only where ``wanted``, an implementation-name filter, lets it run)."""
     batch, seq_len, hidden = shape
     inputs = _Inputs(device, dtype)
     mask = torch.arange(seq_len, device=device.device)[None, :] < inputs.lengths(batch, seq_len)[:, None]
@@ -244,6 +245,8 @@ def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, com
         cases.append(Case(op, "reference (torch.compile)", shape_dict, make_inputs, _compiled(ref)))
     else:
         missing["reference (torch.compile)"] = QUICK_SKIPS_COMPILE
+    if wanted is not None and not wanted("sentence-transformers Pooling"):
+        return cases, missing
     _, st_modules, reason = _sentence_transformers()
     if st_modules is None:
         missing["sentence-transformers Pooling"] = reason
@@ -258,11 +261,13 @@ def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, com
     return cases, missing
 
 
-def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
+def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+                 wanted: Callable[[str], bool] | None = None):  # fmt: skip
     """``packed_mean_pool`` / ``packed_max_pool`` of B sentences of random lengths up to L,
     packed back to back (T tokens, int32 offsets): our backends, the padded op of the same
-    sentences as a (B, L, H) batch, and the eager reference. ``compile_peers`` is unused: the
-    packed ops are compared with the padded ones, not with a compiled reference."""
+    sentences as a (B, L, H) batch, and the eager reference. ``compile_peers`` and ``wanted``
+    are unused: the packed ops are compared with the padded ones, not with a compiled
+    reference, and no peer is expensive to build."""
     batch, seq_len, hidden = shape
     inputs = _Inputs(device, dtype)
     lengths = inputs.lengths(batch, seq_len)
@@ -325,13 +330,15 @@ def _linear_cross_entropy_case(shape_dict: dict, make_pair, scale: float) -> tup
     return Case("info_nce", "torch linear_cross_entropy", shape_dict, make_pair, linear_cross_entropy), None
 
 
-def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
+def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+               wanted: Callable[[str], bool] | None = None):  # fmt: skip
     """``info_nce`` of N anchors against M = N candidates of dimension D: our loss strategies
     (each pinned, and ``"auto"`` where there is a choice), the eager reference, its
     torch.compile, PyTorch's chunked ``F.linear_cross_entropy`` (where present; not in a CPU's
     ``--quick``), sentence-transformers' MultipleNegativesRankingLoss and inf_cl (on a GPU,
     where installed). ``compile_peers``: whether the slow peers (the compiled reference, the
-    chunked loss on a CPU) are timed."""
+    chunked loss on a CPU) are timed; sentence-transformers and inf_cl are imported only where
+    ``wanted`` (an implementation-name filter) lets them run."""
     n, d = shape
     inputs = _Inputs(device, dtype)
     shape_dict = {"N": n, "M": n, "D": d}
@@ -354,31 +361,47 @@ def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compil
         missing["torch linear_cross_entropy"] = reason
     else:
         cases.append(chunked)
+    peers = {"sentence-transformers MNRL": _mnrl_case, "inf_cl": _inf_cl_case}
+    for name, build_peer in peers.items():
+        if wanted is None or wanted(name):
+            case, reason = build_peer(shape_dict, make_pair, device, matrix_need)
+            if case is None:
+                missing[name] = reason
+            else:
+                cases.append(case)
+    return cases, missing
+
+
+def _mnrl_case(shape_dict: dict, make_pair, device: Device, matrix_need: int):
+    """sentence-transformers' MultipleNegativesRankingLoss on the embeddings, or why it is missing."""
     st_losses, _, reason = _sentence_transformers()
     if st_losses is None:
-        missing["sentence-transformers MNRL"] = reason
-    else:
-        mnrl = st_losses.MultipleNegativesRankingLoss(model=None, scale=20.0)
+        return None, reason
+    mnrl = st_losses.MultipleNegativesRankingLoss(model=None, scale=20.0)
 
-        def st_info_nce(anchors, candidates):
-            return mnrl.compute_loss_from_embeddings([anchors, candidates], None)
+    def st_info_nce(anchors, candidates):
+        return mnrl.compute_loss_from_embeddings([anchors, candidates], None)
 
-        cases.append(Case(op, "sentence-transformers MNRL", shape_dict, make_pair, st_info_nce, matrix_need))
+    name = "sentence-transformers MNRL"
+    return Case("info_nce", name, shape_dict, make_pair, st_info_nce, matrix_need), None
+
+
+def _inf_cl_case(shape_dict: dict, make_pair, device: Device, matrix_need: int):
+    """inf_cl's loss on unit rows (a GPU only), or why it is missing."""
     inf_cl, reason = _inf_cl_loss()
     if inf_cl is None:
-        missing["inf_cl"] = reason
-    elif not device.is_cuda:
-        missing["inf_cl"] = "needs a CUDA device"
-    else:
-        head_dim = next(size for size in (256, 128, 64, 32, 16, d) if d % size == 0)
-        scale = torch.tensor(20.0, device=device.device)
+        return None, reason
+    if not device.is_cuda:
+        return None, "needs a CUDA device"
+    d = shape_dict["D"]
+    head_dim = next(size for size in (256, 128, 64, 32, 16, d) if d % size == 0)
+    scale = torch.tensor(20.0, device=device.device)
 
-        def inf_cl_info_nce(anchors, candidates):
-            unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
-            return inf_cl(unit_a, unit_c, scale=scale, head_dim=head_dim)
+    def inf_cl_info_nce(anchors, candidates):
+        unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        return inf_cl(unit_a, unit_c, scale=scale, head_dim=head_dim)
 
-        cases.append(Case(op, "inf_cl", shape_dict, make_pair, inf_cl_info_nce))
-    return cases, missing
+    return Case("info_nce", "inf_cl", shape_dict, make_pair, inf_cl_info_nce), None
 
 
 @dataclasses.dataclass(frozen=True)

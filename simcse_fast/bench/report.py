@@ -268,7 +268,8 @@ def _plot_loss_bars(document: dict, rows: list[dict], plt, path: Path, colors: d
         values = [row[key] or 0.0 for row in measured]
         _grouped_bars(axis, groups, lambda row, key=key: max(row[key] or 0.0, 1e-3), lambda row: row["impl"],
                       colors, note=lambda row, key=key: f"{row[key] or 0:.3g}")  # fmt: skip
-        _log_axis(axis, max(min(values, default=1.0), 1e-3) / 2, max(values, default=1.0) * 4)
+        low = max(min(values, default=1.0), 1e-3) / 2  # a peak of 0 MB is drawn at the axis' start
+        _log_axis(axis, low, max(max(values, default=1.0), low) * 4)
         axis.set_title(title, fontsize=9)
     figure.suptitle(f"{document['device']} — {document['dtype']}")
     legend_height = 0.25 * math.ceil(len(colors) / 3) + 0.15
