@@ -50,8 +50,10 @@ the word vocabulary's). ``distilroberta`` has distilroberta-base's shape and emb
 @dataclasses.dataclass(frozen=True)
 class Implementation:
     """How one implementation's step is set up: ``setup(folder, texts, device, options)`` loads
-    its model from ``folder`` and returns a :class:`Stepper`; ``options`` (a training option:
-    ``mini_batch_size``) are given to it."""
+    its model from ``folder`` and returns a :class:`Stepper` that trains on ``texts`` with
+    ``options``: for ``simcse-fast train``, fields of ``training.TrainingConfig`` (its command
+    options, ``mini_batch_size`` ...); for sentence-transformers, the loss and its mini-batch
+    size."""
 
     setup: Callable[..., Stepper]
     options: dict = dataclasses.field(default_factory=dict)
