@@ -185,8 +185,9 @@ def run_bench(args: argparse.Namespace) -> int:
         # On stderr, so that redirecting the table does not hide it; the table lists them all.
         more = f" (and {len(busy) - 1} more, listed under the table)" if len(busy) > 1 else ""
         print(
-            f"simcse-fast bench: warning: the machine was busy, timings spread beyond p80/p20 = "
-            f"{bench.BUSY_SPREAD}: {busy[0]}{more}; rerun on an idle machine for reliable medians",
+            f"simcse-fast bench: warning: the machine was busy (timings spread beyond p80/p20 = "
+            f"{bench.BUSY_SPREAD}, or a pass slower than forward + backward): {busy[0]}{more}; "
+            "rerun on an idle machine for reliable medians",
             file=sys.stderr,
         )
     return 0
