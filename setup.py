@@ -63,6 +63,18 @@ def warn(message):
     print(f"\nWARNING: {message}\n", file=sys.stderr, flush=True)
 
 
+def nvcc_command(nvcc, target):
+    """The one nvcc command that compiles and links the extension into ``target``."""
+    import pybind11
+
+    return [
+        nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
+        "--expt-relaxed-constexpr", *gencode_flags(),
+        f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+        *[str(ROOT / source) for source in SOURCES], "-o", str(target),
+    ]  # fmt: skip
+
+
 class NvccBuildExt(build_ext):
     """Compiles and links the CUDA extension with one nvcc command. Under ``auto`` the extension
     is ``optional``: a failed compile raises ``CompileError``, which setuptools turns into a
@@ -73,14 +85,7 @@ class NvccBuildExt(build_ext):
         target = Path(self.get_ext_fullpath(ext.name))
         target.parent.mkdir(parents=True, exist_ok=True)
         try:
-            import pybind11
-
-            command = [
-                nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
-                "--expt-relaxed-constexpr", *gencode_flags(),
-                f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
-                *[str(ROOT / source) for source in ext.sources], "-o", str(target),
-            ]  # fmt: skip
+            command = nvcc_command(nvcc, target)
             print("building simcse_fast._C:", " ".join(command), flush=True)
             subprocess.run(command, check=True)
         except (ImportError, OSError, subprocess.CalledProcessError) as error:
@@ -113,5 +118,7 @@ def extensions():
     return [Extension("simcse_fast._C", sources=SOURCES, optional=mode == "auto")]
 
 
-ext_modules = extensions()
-setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt} if ext_modules else {})
+# setuptools runs this file as __main__; imported (benchmarks/gpu_check.py), it only defines.
+if __name__ == "__main__":
+    ext_modules = extensions()
+    setup(ext_modules=ext_modules, cmdclass={"build_ext": NvccBuildExt} if ext_modules else {})

@@ -4,7 +4,8 @@ dtype, both against a float64 truth: the figures of the README's numerics table.
     python benchmarks/loss_precision.py [--n 4096] [--dim 64] [--backends torch,triton]
 
 Easy positives (``anchor + 0.35 N(0, 1)``, P_ii ~ 0.9995 at N = 4096), scale 20, mean
-reduction. CPU tensors run Triton under the interpreter (set here when no GPU is present).
+reduction. CPU tensors run Triton under the interpreter (set here when no GPU is present). The
+GPU check (``benchmarks/gpu_check.py``) reports :func:`gradient_errors` of each loss strategy.
 """
 
 from __future__ import annotations
@@ -12,16 +13,10 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+from collections.abc import Callable
 
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import torch.nn.functional as F
-
-import simcse_fast as sf
-from simcse_fast import reference
 
 
 def easy_batch(n: int, dim: int, generator: torch.Generator):
@@ -47,12 +42,44 @@ def median_row_error(actual, truth) -> float:
     return ((actual - truth).norm(dim=1) / truth.norm(dim=1)).median().item()
 
 
+def row_error_quantiles(actual: torch.Tensor, truth: torch.Tensor) -> dict:
+    """The median, 90th percentile and worst of the row errors ``|actual_i - truth_i| / |truth_i|``."""
+    errors = (actual - truth).norm(dim=1) / truth.norm(dim=1)
+    return {"median": errors.median().item(), "p90": torch.quantile(errors, 0.9).item(),
+            "worst": errors.max().item()}  # fmt: skip
+
+
+def gradient_errors(implementations: dict[str, tuple[Callable, dict | None]], n: int, dim: int, device,
+                    dtype: torch.dtype, seed: int = 0) -> list[dict]:  # fmt: skip
+    """For each implementation ``name: (loss_fn(anchors, candidates), environment)``, the row
+    errors (``row_error_quantiles``) of d anchors and d candidates on one easy batch rounded to
+    ``dtype``, against the float64 reference's gradients of the same rounded inputs; the
+    environment variables (a pinned strategy) are set for its forward and backward."""
+    from simcse_fast import bench, reference
+
+    anchors, candidates = easy_batch(n, dim, torch.Generator().manual_seed(seed))
+    a, c = anchors.to(device, dtype), candidates.to(device, dtype)
+    truth = gradients(reference.info_nce, a.double(), c.double(), 1.0)
+    rows = []
+    for name, (loss_fn, environment) in implementations.items():
+        with bench.environment_variables(environment):
+            grads = gradients(loss_fn, a, c, 1.0)
+        for index, tensor in enumerate(("anchors", "candidates")):
+            rows.append({"impl": name, "gradient": tensor, **row_error_quantiles(grads[index], truth[index])})
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=4096)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--backends", default="torch,triton")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+    import simcse_fast as sf
+    from simcse_fast import reference
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     anchors, candidates = easy_batch(args.n, args.dim, torch.Generator().manual_seed(0))
     print(f"N = M = {args.n}, D = {args.dim}, device {device}; median row error of d anchors / d candidates")

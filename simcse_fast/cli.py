@@ -185,8 +185,9 @@ def run_bench(args: argparse.Namespace) -> int:
         # On stderr, so that redirecting the table does not hide it; the table lists them all.
         more = f" (and {len(busy) - 1} more, listed under the table)" if len(busy) > 1 else ""
         print(
-            f"simcse-fast bench: warning: the machine was busy, timings spread beyond p80/p20 = "
-            f"{bench.BUSY_SPREAD}: {busy[0]}{more}; rerun on an idle machine for reliable medians",
+            f"simcse-fast bench: warning: the machine was busy (timings spread beyond p80/p20 = "
+            f"{bench.BUSY_SPREAD}, or a pass slower than forward + backward): {busy[0]}{more}; "
+            "rerun on an idle machine for reliable medians",
             file=sys.stderr,
         )
     return 0
@@ -331,7 +332,32 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"backends usable here: {', '.join(_backends.available_backends())}")
     for backend, reason in _backends.unavailable_reasons().items():
         print(f"backend {backend!r} unavailable here: {reason}")
+    _print_loss_strategy(torch)
     return 0
+
+
+def _print_loss_strategy(torch) -> None:
+    """The loss strategy setting: pinned, or timed at first use (``similarity.select``)."""
+    from . import similarity
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    strategies = ", ".join(similarity.loss_strategies(device))
+    try:
+        pinned = similarity.pinned_strategy()
+    except ValueError as error:
+        print(f"loss strategy: {error}")
+        return
+    if pinned is not None:
+        where = "" if device.type == "cuda" else " for CUDA tensors (CPU tensors run torch)"
+        setting = f"{pinned}, pinned by {similarity.STRATEGY_ENV_VAR}{where}"
+    elif device.type == "cuda":
+        setting = (
+            "auto: the fastest, timed at the first call per shape bucket (the choices are logged at debug "
+            f"level on the 'simcse_fast' logger; {similarity.STRATEGY_ENV_VAR} pins one)"
+        )
+    else:
+        setting = "torch (the only strategy for CPU tensors)"
+    print(f"loss strategies here: {strategies}; {setting}")
 
 
 def _positive_int(text: str) -> int:

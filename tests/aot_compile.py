@@ -191,6 +191,8 @@ def _similarity_case(
         blocks = {"BLOCK_R": config.block_rows, "BLOCK_C": config.block_cols, "BLOCK_D": config.block_d}
         blocks["GROUP_R"] = config.group_rows
     used = {arg: dtype for arg, dtype in pointers.items() if arg in getattr(kernels, name).arg_names}
+    if not flags["GUIDED"]:  # unused guide pointers keep the default type and stay out of the label
+        del used["gx_ptr"], used["gy_ptr"]
     constexprs = {**flags, **blocks, "PRECOMPUTED": precomputed, "DOT_PRECISION": precision}
     constexprs["GUIDE_PRECISION"] = "ieee"
     label, *rest = make_case(

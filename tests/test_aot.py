@@ -134,7 +134,7 @@ def test_similarity_kernels_use_hopper_tensor_cores(similarity_results):
     the gemm strategy's pass has no dot at all (cuBLAS did the products)."""
     for result in similarity_results:
         case = result["case"]
-        exact_fp32 = "'ieee'" in case and (" q_ptr=fp32" in case or " x_ptr=fp32" in case)
+        exact_fp32 = "'DOT_PRECISION': 'ieee'" in case and (" q_ptr=fp32" in case or " x_ptr=fp32" in case)
         no_dot = exact_fp32 or "PRECOMPUTED': True" in case
         assert result["wgmma"] != no_dot, case
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from simcse_fast import bench, cli
+from simcse_fast import bench, cli, reference, similarity
 
 ROW_KEYS = {
     "op",
@@ -299,3 +304,127 @@ def test_packed_pooling_against_the_padded_op(no_ceiling_runs):
         assert (shape["B"], shape["L"], shape["H"]) == (3, 5, 16) and 3 <= shape["T"] <= 15
         moved = bench.packed_pooling_bytes(shape["T"], 3, 16, element_size=4)[row["pass"]]
         assert row["gbps"] == pytest.approx(moved / (row["median_ms"] / 1e3) / 1e9)
+
+
+def test_a_pass_slower_than_forward_plus_backward_is_flagged():
+    shape = {"N": 1024, "M": 1024, "D": 64}
+    document = {"rows": []}
+    for pass_name, median in (("forward", 79.97), ("backward", 3.0), ("forward+backward", 4.46)):
+        row = _row("info_nce", "reference (eager)", shape, pass_name, median, median * 1.01)
+        document["rows"].append(row | {"median_ms": median})
+    lines = bench.busy_warnings(document)
+    assert lines == [
+        "info_nce reference (eager) N=1024xM=1024xD=64: forward median 80 ms > forward+backward "
+        "median 4.46 ms (a part slower than the whole)"
+    ]
+
+
+def test_cli_warns_when_a_pass_is_slower_than_the_whole(monkeypatch, no_ceiling_runs, capsys):
+    def measure(case, device, min_repeats):
+        fast, slow = {"p20": 1.0, "p50": 1.0, "p80": 1.1}, {"p20": 5.0, "p50": 5.0, "p80": 5.1}
+        return {"forward": slow, "backward": fast, "forward+backward": dict(fast), "peak_mem_mb": 1.0}
+
+    monkeypatch.setattr(bench, "measure_case", measure)
+    assert cli.main(["bench", "--ops", "loss", "--sizes", "8x16", "--repeats", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: the machine was busy" in err and "a part slower than the whole" in err
+
+
+def test_missing_matplotlib_says_which_extra_in_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    written = bench.write_results(tiny_run, tmp_path)
+    assert {path.name for path in written} == {"results.json", "results.md"}
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'simcse-fast[bench]'" in err, err
+
+
+OPTIONAL_IMPORTS = {"inf_cl": "a peer, where installed", "huggingface_hub": "transformers' own dependency"}
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].lower() for requirement in requirements}
+
+
+def test_the_bench_needs_only_the_bench_extra():
+    """Every third-party module the package imports (the harness, its plots, its peers) is a
+    dependency, in the ``bench`` extra, or an optional peer: ``pip install -e ".[bench]"`` is
+    all the README's benchmark command needs."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    installed = _requirement_names(project["dependencies"] + project["optional-dependencies"]["bench"])
+    assert {"matplotlib", "sentence-transformers"} <= installed
+    imported = set()
+    for path in (root / "simcse_fast").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module.split(".")[0])
+    third_party = imported - set(sys.stdlib_module_names) - {"simcse_fast", *OPTIONAL_IMPORTS}
+    needed = {name.replace("_", "-") for name in third_party}
+    assert needed <= installed, (
+        f"imported but in neither the dependencies nor the bench extra: {needed - installed}"
+    )
+
+
+def test_loss_cases_pin_each_strategy_and_auto_where_there_is_a_choice(monkeypatch):
+    device = bench.Device(torch.device("cpu"))
+    cases, _ = bench.build_loss("info_nce", (8, 16), torch.float32, device, False)
+    ours = [case for case in cases if case.impl.startswith("simcse_fast[")]
+    assert [(case.impl, case.environment) for case in ours] == [
+        ("simcse_fast[torch]", {similarity.STRATEGY_ENV_VAR: "torch"})
+    ]
+    monkeypatch.setattr(similarity, "loss_strategies", lambda device: ("fused", "gemm", "torch"))
+    cases, _ = bench.build_loss("info_nce", (8, 16), torch.float32, device, False)
+    pinned = {case.impl: case.environment[similarity.STRATEGY_ENV_VAR] for case in cases if case.environment}
+    expected = {"fused": "fused", "gemm": "gemm", "torch": "torch", "auto": "auto"}
+    assert pinned == {f"simcse_fast[{name}]": strategy for name, strategy in expected.items()}
+
+
+def test_a_case_is_measured_under_its_environment(monkeypatch):
+    seen = []
+
+    def run(anchors, candidates):
+        seen.append(os.environ.get(similarity.STRATEGY_ENV_VAR))
+        return (anchors * candidates).sum()
+
+    monkeypatch.delenv(similarity.STRATEGY_ENV_VAR, raising=False)
+
+    def make_inputs():
+        return [torch.ones(2, 2, requires_grad=True), torch.ones(2, 2, requires_grad=True)]
+
+    pin = {similarity.STRATEGY_ENV_VAR: "gemm"}
+    case = bench.Case("info_nce", "pinned", {"N": 2, "M": 2, "D": 2}, make_inputs, run, environment=pin)
+    bench.measure_case(case, bench.Device(torch.device("cpu"), min_seconds=0.0), min_repeats=1)
+    assert seen and set(seen) == {"gemm"} and similarity.STRATEGY_ENV_VAR not in os.environ
+
+
+def test_linear_cross_entropy_peer_is_the_one_direction_info_nce(generator):
+    if not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        pytest.skip(f"torch {torch.__version__} has no chunked F.linear_cross_entropy")
+    device = bench.Device(torch.device("cpu"))
+    cases, _ = bench.build_loss("info_nce", (64, 16), torch.float64, device, True)
+    peer = next(case for case in cases if case.impl == "torch linear_cross_entropy")
+    anchors, candidates = (torch.randn(64, 16, generator=generator, dtype=torch.float64) for _ in range(2))
+    torch.testing.assert_close(
+        peer.run(anchors, candidates), reference.info_nce(anchors, candidates, scale=20.0)
+    )
+
+
+def test_ceilings_name_their_headline():
+    with pytest.raises(ValueError, match="headline"):
+        bench.measure_ceilings(bench.Device(torch.device("cpu")), torch.float32, headline="best")
+
+
+def test_select_builds_and_runs_only_the_implementations_named(monkeypatch, no_ceiling_runs):
+    monkeypatch.setattr(bench, "measure_case", _fake_timings(spread_factor=1.1))
+    saved = []
+    document = bench.run_benchmark(
+        ops=("loss",), sizes={"loss": [(8, 16)]}, device="cpu", min_repeats=1, progress=False,
+        select=lambda impl: impl == "reference (eager)", dispatch=False,
+        on_rows=lambda document, rows: saved.append(len(rows)),
+    )  # fmt: skip
+    assert {row["impl"] for row in document["rows"]} == {"reference (eager)"} and saved == [3]
+    assert "sentence-transformers MNRL" not in document["missing_peers"]
+    assert "dispatch_overhead_us" not in document

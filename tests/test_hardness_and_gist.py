@@ -62,6 +62,19 @@ def assert_same(ours, theirs, what=""):
         )
 
 
+def as_rank_one_of_three(monkeypatch, their_class) -> None:
+    """Rank 1 of 3 for our losses and ``their_class``'s module: the other ranks' rows are a
+    deterministic function of the local ones (no gradient)."""
+
+    def all_gather_with_grad(x):
+        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
+        return torch.cat([others[0], x, others[1]])
+
+    for module in (sys.modules[losses.__name__], sys.modules[their_class.__module__]):
+        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
+        monkeypatch.setattr(module, "get_rank", lambda: 1)
+
+
 # Hardness weighting.
 
 
@@ -113,17 +126,7 @@ def test_cached_hardness_matches_sentence_transformers(mode, tiny_bert_dir, gene
 def test_gathered_hardness_matches_sentence_transformers(mode, generator, monkeypatch):
     """Rank 1 of 3, the other ranks' rows stubbed in: a query's own documents are its local
     positive and hard negatives, wherever the rank's block lies."""
-    from simcse_fast.sentence_transformers import losses as our_module
-
-    their_module = sys.modules[st_losses.MultipleNegativesRankingLoss.__module__]
-
-    def all_gather_with_grad(x):
-        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
-        return torch.cat([others[0], x, others[1]])
-
-    for module in (our_module, their_module):
-        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
-        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    as_rank_one_of_three(monkeypatch, st_losses.MultipleNegativesRankingLoss)
     columns = random_columns(3, generator)
     kwargs = {"gather_across_devices": True, "hardness_mode": mode, "hardness_strength": 5.0}
     kwargs["directions"] = DIRECTION_PAIR
@@ -267,17 +270,7 @@ def test_cached_gist_matches_sentence_transformers(
 def test_gathered_gist_matches_sentence_transformers(tiny_bert_dir, guide_model, generator, monkeypatch):
     """Rank 1 of 3 with the other ranks' documents stubbed in: anchors stay local, documents and
     the guide's documents are gathered, the positive is at the rank's offset."""
-    from simcse_fast.sentence_transformers import losses as our_module
-
-    their_module = sys.modules[st_losses.CachedGISTEmbedLoss.__module__]
-
-    def all_gather_with_grad(x):
-        others = [torch.flip(x.detach(), dims=[0]) * (rank + 0.5) + rank for rank in (0, 2)]
-        return torch.cat([others[0], x, others[1]])
-
-    for module in (our_module, their_module):
-        monkeypatch.setattr(module, "all_gather_with_grad", all_gather_with_grad)
-        monkeypatch.setattr(module, "get_rank", lambda: 1)
+    as_rank_one_of_three(monkeypatch, st_losses.CachedGISTEmbedLoss)
     model = make_model(tiny_bert_dir, models.Pooling)
     reps, reps_guided = gist_reps(generator, 3)
     options = {"gather_across_devices": True, "margin": 0.05}
@@ -325,3 +318,55 @@ def test_no_fallback_remains_for_hardness_or_gist():
         assert ours is not theirs and issubclass(ours, theirs), name
     source = inspect.getsource(losses)
     assert "hardness_mode=" not in source.split("def _unfusable_reason", 1)[1].split("def ", 1)[0]
+
+
+def _gloo_worker(rank: int, world: int, store: str, out_dir: str, model_dir: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        generator = torch.Generator().manual_seed(rank)
+        results = {}
+        columns = random_columns(3, generator)
+        kwargs = {
+            "gather_across_devices": True,
+            "hardness_mode": "in_batch_negatives",
+            "hardness_strength": 5.0,
+        }
+        kwargs["directions"] = DIRECTION_PAIR
+        for side, module in (("ours", losses), ("theirs", st_losses)):
+            results["hardness", side] = loss_and_grads(
+                module.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns
+            )
+        model, guide = make_model(model_dir, models.Pooling), make_model(model_dir)
+        reps, reps_guided = gist_reps(generator, 3)
+        options = {"gather_across_devices": True, "margin": 0.05}
+        for side, module in (("ours", losses), ("theirs", st_losses)):
+            results["gist", side] = cached_gist_loss(
+                module.CachedGISTEmbedLoss, model, guide, reps, reps_guided, **options
+            )
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@needs_hardness
+@pytest.mark.skipif("gather_across_devices" not in GIST_ARGUMENTS, reason="GIST gathers from 5.1")
+def test_gathered_across_gloo_ranks_matches_sentence_transformers(tiny_bert_dir, tmp_path):
+    """Two gloo processes: on each rank, hardness-weighted MNRL and CachedGIST with
+    gather_across_devices give sentence-transformers' loss and local gradients."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(
+        _gloo_worker,
+        args=(2, str(tmp_path / "store"), str(tmp_path), str(tiny_bert_dir)),
+        nprocs=2,
+        join=True,
+    )
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt")
+        for name in ("hardness", "gist"):
+            assert_same(results[name, "ours"], results[name, "theirs"], f"rank {rank} {name}")

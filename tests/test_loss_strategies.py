@@ -443,7 +443,8 @@ def test_explicit_triton_times_only_the_triton_strategies(timed_on_cpu, generato
 def test_a_failing_candidate_is_skipped(timed_on_cpu, generator):
     anchors, candidates, _ = make_inputs(20, 30, 24, torch.float32, "cpu", generator)
     timed_on_cpu({"fused:64x64": 1.0, "gemm": 2.0, "torch": 3.0}, fail={"fused:64x64"})
-    _loss(anchors, candidates)
+    with pytest.warns(RuntimeWarning, match="loss strategy fused:64x64 failed while timing .* left out"):
+        _loss(anchors, candidates)
     assert list(select.strategy_choices().values()) == ["gemm"]
 
 
@@ -487,6 +488,24 @@ def test_bad_pinned_strategy(value, backend, message, monkeypatch):
         pytest.skip("needs the Triton interpreter")
     with pytest.raises(ValueError, match=message):
         sf.info_nce(torch.randn(4, 8), torch.randn(4, 8), backend=backend)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (None, "loss strategies here: torch; torch (the only strategy for CPU tensors)"),
+        ("gemm", "gemm, pinned by SIMCSE_FAST_LOSS_STRATEGY for CUDA tensors (CPU tensors run torch)"),
+        ("fastest", "is not a loss strategy"),
+    ],
+)
+def test_info_states_the_loss_strategy(value, expected, monkeypatch, capsys):
+    from simcse_fast import cli
+
+    if value is not None:
+        monkeypatch.setenv(select.STRATEGY_ENV_VAR, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["info"]) == 0
+    assert expected in capsys.readouterr().out
 
 
 def test_pinned_strategy_takes_the_dtype_default_tile(monkeypatch):

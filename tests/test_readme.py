@@ -33,6 +33,8 @@ NOT_RUN = {
     "`simcse-fast bench --quick` on reduced sizes",
     "tests": "installs packages and runs the whole suite: it is CI itself (.ci/run)",
     "e2e": "runs the e2e tests (real weights, the STS files), which CI's pytest run includes",
+    "gpu-check": "needs an NVIDIA GPU and installs the checkout; tests/test_gpu_check.py runs the same "
+    "script with --dry-run on the CPU",
 }
 """README blocks no test runs, each with the reason."""
 CALL = re.compile(r"\breadme\.\w+\(\s*\"([a-z0-9][a-z0-9-]*)\"")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .. import available_backends, functional, reference
+from .. import available_backends, functional, reference, similarity
 from .timing import Device
 
 PASSES = ("forward", "backward", "forward+backward")
@@ -80,6 +80,12 @@ DISPATCH_SHAPE = (1, 1, 8)
 
 QUICK_SKIPS_COMPILE = "skipped by --quick (compilation takes longer than the run)"
 
+QUICK_SKIPS_CHUNKED = "skipped by --quick on a CPU (its chunked path takes seconds a call at N = 4096 there)"
+
+COMPILE_BACKEND = "inductor"
+"""The ``torch.compile`` backend of the compiled peers. ``"eager"`` traces without generating
+code: the GPU check's dry run uses it to exercise those peers within its minute."""
+
 
 def pooling_bytes(batch: int, seq_len: int, hidden: int, element_size: int, mask_element_size: int = 1):
     """Bytes a pooling pass must move, by pass: the forward reads the token embeddings and the
@@ -117,7 +123,8 @@ class Case:
     """One implementation of one op at one shape: ``make_inputs()`` builds fresh leaf tensors
     (requiring grad), ``run(*inputs)`` returns the output whose backward is timed.
     ``memory_need`` estimates its peak bytes where they grow faster than its inputs (``None``:
-    no estimate); a case whose estimate exceeds the run's memory budget is skipped."""
+    no estimate); a case whose estimate exceeds the run's memory budget is skipped.
+    ``environment``: variables set while the case is measured (a pinned loss strategy)."""
 
     op: str
     impl: str
@@ -125,6 +132,7 @@ class Case:
     make_inputs: Callable[[], list[torch.Tensor]]
     run: Callable[..., torch.Tensor]
     memory_need: int | None = None
+    environment: dict[str, str] | None = None
 
 
 class _Inputs:
@@ -185,10 +193,14 @@ def _padded_probe(op: str, inputs: _Inputs):
 
 
 def _compiled(fn):
-    """``torch.compile(fn)``; it compiles on the first call, in the untimed warm-up."""
-    compiled = torch.compile(fn)
+    """``torch.compile(fn)`` with ``COMPILE_BACKEND``, made at the first call (building the cases
+    imports no compiler) and compiled there, in the untimed warm-up."""
+    compiled = None
 
     def run(*args, **kwargs):
+        nonlocal compiled
+        if compiled is None:
+            compiled = torch.compile(fn, backend=COMPILE_BACKEND)
         return compiled(*args, **kwargs)
 
     return run
@@ -212,10 +224,11 @@ def _inf_cl_loss() -> tuple[object, str | None]:
     return cal_inf_loss, None
 
 
-def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
+def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+                  wanted: Callable[[str], bool] | None = None):  # fmt: skip
     """``masked_mean_pool`` / ``masked_max_pool`` of a padded (B, L, H) batch with random
     lengths: our backends, the eager reference, its torch.compile and sentence-transformers'
-    Pooling."""
+    Pooling (imported only where ``wanted``, an implementation-name filter, lets it run)."""
     batch, seq_len, hidden = shape
     inputs = _Inputs(device, dtype)
     mask = torch.arange(seq_len, device=device.device)[None, :] < inputs.lengths(batch, seq_len)[:, None]
@@ -232,6 +245,8 @@ def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, com
         cases.append(Case(op, "reference (torch.compile)", shape_dict, make_inputs, _compiled(ref)))
     else:
         missing["reference (torch.compile)"] = QUICK_SKIPS_COMPILE
+    if wanted is not None and not wanted("sentence-transformers Pooling"):
+        return cases, missing
     _, st_modules, reason = _sentence_transformers()
     if st_modules is None:
         missing["sentence-transformers Pooling"] = reason
@@ -246,11 +261,13 @@ def build_pooling(op: str, shape: tuple, dtype: torch.dtype, device: Device, com
     return cases, missing
 
 
-def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
+def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+                 wanted: Callable[[str], bool] | None = None):  # fmt: skip
     """``packed_mean_pool`` / ``packed_max_pool`` of B sentences of random lengths up to L,
     packed back to back (T tokens, int32 offsets): our backends, the padded op of the same
-    sentences as a (B, L, H) batch, and the eager reference. ``compile_peers`` is unused: the
-    packed ops are compared with the padded ones, not with a compiled reference."""
+    sentences as a (B, L, H) batch, and the eager reference. ``compile_peers`` and ``wanted``
+    are unused: the packed ops are compared with the padded ones, not with a compiled
+    reference, and no peer is expensive to build."""
     batch, seq_len, hidden = shape
     inputs = _Inputs(device, dtype)
     lengths = inputs.lengths(batch, seq_len)
@@ -281,10 +298,47 @@ def build_packed(op: str, shape: tuple, dtype: torch.dtype, device: Device, comp
     return [*cases, *padded_cases, eager], {**missing, **padded_missing}
 
 
-def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool):
-    """``info_nce`` of N anchors against M = N candidates of dimension D: our backends, the
-    eager reference, its torch.compile, sentence-transformers' MultipleNegativesRankingLoss
-    and inf_cl (on a GPU, where installed)."""
+def _strategy_cases(shape_dict: dict, make_pair, device: Device) -> list[Case]:
+    """A case per loss strategy that runs on the device, pinned through
+    ``similarity.STRATEGY_ENV_VAR`` (``simcse_fast[fused]``, ...), and where there is a choice,
+    ``simcse_fast[auto]``: the strategy ``"auto"`` picks (``similarity.strategy_choices()``)."""
+    strategies = similarity.loss_strategies(device.device)
+    cases = [
+        Case("info_nce", f"simcse_fast[{strategy}]", shape_dict, make_pair, functional.info_nce,
+             environment={similarity.STRATEGY_ENV_VAR: strategy})
+        for strategy in strategies
+    ]  # fmt: skip
+    if len(strategies) > 1:
+        auto = {similarity.STRATEGY_ENV_VAR: "auto"}
+        cases.append(Case("info_nce", "simcse_fast[auto]", shape_dict, make_pair, functional.info_nce,
+                          environment=auto))  # fmt: skip
+    return cases
+
+
+def _linear_cross_entropy_case(shape_dict: dict, make_pair, scale: float) -> tuple[Case | None, str | None]:
+    """PyTorch's chunked ``F.linear_cross_entropy`` as the one-direction InfoNCE,
+    ``linear_cross_entropy(scale * unit(q), unit(k), arange(N))``, or why it is missing."""
+    if not hasattr(F, "linear_cross_entropy") or not hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        return None, f"torch {torch.__version__} has no chunked F.linear_cross_entropy (PyTorch >= 2.13)"
+    options = torch.nn.LinearCrossEntropyOptions()
+
+    def linear_cross_entropy(anchors, candidates):
+        labels = torch.arange(anchors.shape[0], device=anchors.device)
+        unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        return F.linear_cross_entropy(scale * unit_a, unit_c, labels, options=options)
+
+    return Case("info_nce", "torch linear_cross_entropy", shape_dict, make_pair, linear_cross_entropy), None
+
+
+def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+               wanted: Callable[[str], bool] | None = None):  # fmt: skip
+    """``info_nce`` of N anchors against M = N candidates of dimension D: our loss strategies
+    (each pinned, and ``"auto"`` where there is a choice), the eager reference, its
+    torch.compile, PyTorch's chunked ``F.linear_cross_entropy`` (where present; not in a CPU's
+    ``--quick``), sentence-transformers' MultipleNegativesRankingLoss and inf_cl (on a GPU,
+    where installed). ``compile_peers``: whether the slow peers (the compiled reference, the
+    chunked loss on a CPU) are timed; sentence-transformers and inf_cl are imported only where
+    ``wanted`` (an implementation-name filter) lets them run."""
     n, d = shape
     inputs = _Inputs(device, dtype)
     shape_dict = {"N": n, "M": n, "D": d}
@@ -293,42 +347,61 @@ def build_loss(op: str, shape: tuple, dtype: torch.dtype, device: Device, compil
     def make_pair():
         return [inputs.randn(n, d).requires_grad_(), inputs.randn(n, d).requires_grad_()]
 
-    probe = [inputs.randn(4, 8), inputs.randn(4, 8)]
-    cases, missing = _our_cases(
-        op, shape_dict, make_pair, lambda backend: functools.partial(functional.info_nce, backend=backend),
-        lambda backend: functional.info_nce(*probe, backend=backend), device,
-    )  # fmt: skip
+    cases, missing = _strategy_cases(shape_dict, make_pair, device), {}
     cases.append(Case(op, "reference (eager)", shape_dict, make_pair, reference.info_nce, matrix_need))
     if compile_peers:
         compiled = _compiled(reference.info_nce)
         cases.append(Case(op, "reference (torch.compile)", shape_dict, make_pair, compiled, matrix_need))
     else:
         missing["reference (torch.compile)"] = QUICK_SKIPS_COMPILE
+    chunked, reason = _linear_cross_entropy_case(shape_dict, make_pair, scale=20.0)
+    if chunked is not None and not compile_peers and not device.is_cuda:
+        chunked, reason = None, QUICK_SKIPS_CHUNKED
+    if chunked is None:
+        missing["torch linear_cross_entropy"] = reason
+    else:
+        cases.append(chunked)
+    peers = {"sentence-transformers MNRL": _mnrl_case, "inf_cl": _inf_cl_case}
+    for name, build_peer in peers.items():
+        if wanted is None or wanted(name):
+            case, reason = build_peer(shape_dict, make_pair, device, matrix_need)
+            if case is None:
+                missing[name] = reason
+            else:
+                cases.append(case)
+    return cases, missing
+
+
+def _mnrl_case(shape_dict: dict, make_pair, device: Device, matrix_need: int):
+    """sentence-transformers' MultipleNegativesRankingLoss on the embeddings, or why it is missing."""
     st_losses, _, reason = _sentence_transformers()
     if st_losses is None:
-        missing["sentence-transformers MNRL"] = reason
-    else:
-        mnrl = st_losses.MultipleNegativesRankingLoss(model=None, scale=20.0)
+        return None, reason
+    mnrl = st_losses.MultipleNegativesRankingLoss(model=None, scale=20.0)
 
-        def st_info_nce(anchors, candidates):
-            return mnrl.compute_loss_from_embeddings([anchors, candidates], None)
+    def st_info_nce(anchors, candidates):
+        return mnrl.compute_loss_from_embeddings([anchors, candidates], None)
 
-        cases.append(Case(op, "sentence-transformers MNRL", shape_dict, make_pair, st_info_nce, matrix_need))
+    name = "sentence-transformers MNRL"
+    return Case("info_nce", name, shape_dict, make_pair, st_info_nce, matrix_need), None
+
+
+def _inf_cl_case(shape_dict: dict, make_pair, device: Device, matrix_need: int):
+    """inf_cl's loss on unit rows (a GPU only), or why it is missing."""
     inf_cl, reason = _inf_cl_loss()
     if inf_cl is None:
-        missing["inf_cl"] = reason
-    elif not device.is_cuda:
-        missing["inf_cl"] = "needs a CUDA device"
-    else:
-        head_dim = next(size for size in (256, 128, 64, 32, 16, d) if d % size == 0)
-        scale = torch.tensor(20.0, device=device.device)
+        return None, reason
+    if not device.is_cuda:
+        return None, "needs a CUDA device"
+    d = shape_dict["D"]
+    head_dim = next(size for size in (256, 128, 64, 32, 16, d) if d % size == 0)
+    scale = torch.tensor(20.0, device=device.device)
 
-        def inf_cl_info_nce(anchors, candidates):
-            unit_a, unit_c = F.normalize(anchors, dim=1), F.normalize(candidates, dim=1)
-            return inf_cl(unit_a, unit_c, scale=scale, head_dim=head_dim)
+    def inf_cl_info_nce(anchors, candidates):
+        unit_a, unit_c = F.normalize(anchors, dim=-1), F.normalize(candidates, dim=-1)
+        return inf_cl(unit_a, unit_c, scale=scale, head_dim=head_dim)
 
-        cases.append(Case(op, "inf_cl", shape_dict, make_pair, inf_cl_info_nce))
-    return cases, missing
+    return Case("info_nce", "inf_cl", shape_dict, make_pair, inf_cl_info_nce), None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ import functools
 import gc
 import itertools
 import math
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -192,11 +193,33 @@ def _input_rotation(device: Device, input_bytes: int) -> int:
     return max(1, min(8, wanted, free_bytes // 4 // max(input_bytes, 1)))
 
 
+@contextlib.contextmanager
+def environment_variables(values: dict[str, str] | None):
+    """Sets ``values`` in ``os.environ`` for the enclosed work and restores what was there."""
+    saved = {name: os.environ.get(name) for name in values or {}}
+    os.environ.update(values or {})
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def measure_case(case, device: Device, min_repeats: int) -> dict:
     """Percentiles of the milliseconds of each pass of ``case`` (a ``cases.Case``) and the
     peak extra memory of one forward + backward. Two untimed forward + backward runs warm the
     case up (the first compiles and allocates); the second is the one whose memory is
-    measured, as warm as the timed runs that follow."""
+    measured, as warm as the timed runs that follow. ``case.environment`` is set throughout
+    (forward and backward alike)."""
+    with environment_variables(case.environment):
+        return _measure_case(case, device, min_repeats)
+
+
+def _measure_case(case, device: Device, min_repeats: int) -> dict:
+    """``measure_case`` without the environment."""
     first = case.make_inputs()
     input_bytes = sum(t.numel() * t.element_size() for t in first)
     input_sets = [first] + [case.make_inputs() for _ in range(_input_rotation(device, input_bytes) - 1)]
@@ -244,24 +267,42 @@ def measure_call_us(device: Device, fn: Callable[[], object], *, calls: int = 20
     return {key: value * 1e3 / calls for key, value in milliseconds.items()}
 
 
-def measure_ceilings(device: Device, dtype: torch.dtype) -> dict:
-    """A large device-to-device copy (GB/s, read + write) and large matmuls (TFLOP/s) in bf16
-    and in the benchmark dtype, each at its fastest run: a ceiling is what the device can do."""
+CEILING_HEADLINES = ("fastest", "median")
+
+
+def measure_ceilings(device: Device, dtype: torch.dtype, headline: str = "fastest") -> dict:
+    """A large device-to-device copy (GB/s, read + write) and large matmuls (TFLOP/s on random
+    data) in bf16 and in the benchmark dtype. ``headline`` picks the run a ceiling is computed
+    from: ``"fastest"`` (what the device can do) or ``"median"``; ``"timings_ms"`` keeps the
+    p20/p50/p80 and fastest milliseconds of each, and ``"sizes"`` what was timed."""
+    if headline not in CEILING_HEADLINES:
+        raise ValueError(f"headline must be one of {', '.join(CEILING_HEADLINES)}; got {headline!r}")
+
+    def statistic(times):
+        return spread(times) | {"fastest": min(times)}
+
+    def headline_ms(timings):
+        return timings["fastest" if headline == "fastest" else "p50"]
+
     copy_bytes = 2**30 if device.is_cuda else 2**28
     source = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device.device).uniform_()
     target = torch.empty_like(source)
-    copy_ms = measure_ms(device, functools.partial(target.copy_, source), warmup=2, statistic=min)
+    copy_ms = measure_ms(device, functools.partial(target.copy_, source), warmup=2, statistic=statistic)
     del source, target
-    ceilings = {"copy_gbps": 2 * copy_bytes / copy_ms / 1e6}
+    ceilings = {"copy_gbps": 2 * copy_bytes / headline_ms(copy_ms) / 1e6}
+    timings, sizes = {"copy": copy_ms}, {"copy_bytes": copy_bytes}
     for matmul_dtype in dict.fromkeys((torch.bfloat16, dtype)):
+        name = str(matmul_dtype).removeprefix("torch.")
         # CPUs without bf16/fp16 matrix units run half-precision matmuls slowly: a smaller
         # matrix keeps the ceiling measurement from dominating a quick run.
         size = 8192 if device.is_cuda else 2048 if matmul_dtype == torch.float32 else 256
         a = torch.randn(size, size, device=device.device).to(matmul_dtype)
         b = torch.randn(size, size, device=device.device).to(matmul_dtype)
-        milliseconds = measure_ms(device, lambda a=a, b=b: a @ b, min_repeats=3, warmup=2, statistic=min)
-        ceilings[f"matmul_{str(matmul_dtype).removeprefix('torch.')}_tflops"] = (
-            2 * size**3 / milliseconds / 1e9
+        milliseconds = measure_ms(
+            device, lambda a=a, b=b: a @ b, min_repeats=3, warmup=2, statistic=statistic
         )
+        ceilings[f"matmul_{name}_tflops"] = 2 * size**3 / headline_ms(milliseconds) / 1e9
+        timings[f"matmul_{name}"], sizes[f"matmul_{name}_size"] = milliseconds, size
     ceilings["bf16_tflops"] = ceilings["matmul_bfloat16_tflops"]
+    ceilings |= {"headline": headline, "timings_ms": timings, "sizes": sizes}
     return ceilings

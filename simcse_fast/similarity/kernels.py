@@ -368,7 +368,7 @@ CTAS_PER_SM = {
     ("forward", "128x128-s4"): 1,
     ("weights", "128x128-s4"): 1,
     ("weights", "128x128-s4/cols"): 1,
-    ("forward", "pass"): 8,
+    ("forward", "pass"): 7,
     ("weights", "pass"): 6,
     ("weights", "pass/cols"): 10,
 }

@@ -167,9 +167,12 @@ def choose_implementation(
             timings[implementation] = _measure(
                 implementation, queries, docs, scale, labels, n_local, flags, budget, options, needs_backward
             )
-        except (RuntimeError, ValueError) as error:  # a tile that does not fit this GPU, an OOM
-            logger.debug(
-                "simcse_fast loss strategy %s failed on %s: %s", implementation, _describe(key), error
+        except Exception as error:  # a tile this GPU cannot run (Triton's OutOfResources), an OOM
+            warnings.warn(
+                f"loss strategy {implementation} failed while timing {_describe(key)} and is left out: "
+                f"{type(error).__name__}: {error}",
+                RuntimeWarning,
+                stacklevel=3,
             )
     if not timings:
         warnings.warn(
