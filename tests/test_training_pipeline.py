@@ -372,7 +372,7 @@ def test_packed_sentences_embed_as_padded_ones(tiny_bert_dir, tiny_roberta_dir, 
     """The packed layout (positions restarting per sentence, RoBERTa's from the padding id + 1)
     through a varlen attention and packed pooling gives the padded batch's embeddings."""
     folder = tiny_bert_dir if architecture == "bert" else tiny_roberta_dir
-    model = training._load_model(config(folder, "", "", packed=True, pooling=pooling, mlp_head=False), "cpu")
+    model = training.load_model(config(folder, "", "", packed=True, pooling=pooling, mlp_head=False), "cpu")
     model.eval()
     packed = training.tokenization(model, config(folder, "", "", packed=True))(SENTENCES, len(SENTENCES))
     with training._attention(model, "sdpa"):
