@@ -509,16 +509,16 @@ model.save(output)
 pairs, mean pooling, the loss's scale 20 = temperature 0.05) with ``simcse-fast train``'s
 settings: learning rate 5e-5, 10% warm-up, no weight decay, gradients clipped at norm 1."""
 
+PEER, CACHED_PEER = "sentence-transformers fit MNRL", "sentence-transformers fit CachedMNRL"
 RUNS = {
-    "simcse-fast train": ("simcse-fast", []),
-    "simcse-fast train --compile": ("simcse-fast", ["--compile"]),
-    "simcse-fast train --mini-batch-size M": ("simcse-fast", ["--mini-batch-size", "{mini}"]),
-    "sentence-transformers fit MNRL": ("fit", ["MultipleNegativesRankingLoss"]),
-    "sentence-transformers fit CachedMNRL": ("fit", ["CachedMultipleNegativesRankingLoss"]),
+    "simcse-fast train": ("simcse-fast", [], PEER),
+    "simcse-fast train --compile": ("simcse-fast", ["--compile"], PEER),
+    "simcse-fast train --mini-batch-size M": ("simcse-fast", ["--mini-batch-size", "{mini}"], CACHED_PEER),
+    PEER: ("fit", ["MultipleNegativesRankingLoss"], None),
+    CACHED_PEER: ("fit", ["CachedMultipleNegativesRankingLoss"], None),
 }
-"""The whole runs, by name: the command with options, or ``FIT_SCRIPT`` with a loss."""
-PEER = "sentence-transformers fit MNRL"
-"""The run each other is compared with, round by round."""
+"""The whole runs, by name: the command with options, or ``FIT_SCRIPT`` with a loss; and the
+run each is compared with, round by round (gradient caching with gradient caching)."""
 SPEED_LINE = re.compile(
     r"(\d+) sentences in ([\d.]+) s: ([\d.]+) sentences/s(?:, (\d+)% of the time outside the encoder)?"
     r"(?:; compiling the encoder took ([\d.]+) s more)?"
@@ -527,7 +527,7 @@ SPEED_LINE = re.compile(
 
 def _command(name: str, folder: Path, sentences_file: Path, output: Path, batch: int, steps: int,
              mini_batch_size: int) -> list[str]:  # fmt: skip
-    kind, extra = RUNS[name]
+    kind, extra, _ = RUNS[name]
     extra = [word.format(mini=mini_batch_size) for word in extra]
     if kind == "fit":
         return [sys.executable, "-c", FIT_SCRIPT, str(folder), str(sentences_file), str(output), *extra,
@@ -585,9 +585,9 @@ def whole_runs(encoder: str, names: list[str], batch: int, steps: int, rounds: i
                mini_batch_size: int) -> dict:  # fmt: skip
     """``rounds`` rounds of the whole runs ``names`` in turn (each round starting one further
     along the list), on ``batch * steps`` sentences: per run, the spread of wall seconds,
-    sentences/s at the median, the spread of its speed-up over ``PEER`` round by round (the
-    peer's seconds / its seconds), CPU seconds, peak memory, and for the command the speed and
-    compile time it reported itself."""
+    sentences/s at the median, the spread of its speed-up over its peer in ``RUNS`` round by
+    round (the peer's seconds / its seconds), CPU seconds, peak memory, and for the command the
+    speed and compile time it reported itself."""
     from simcse_fast import bench
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
@@ -621,8 +621,10 @@ def whole_runs(encoder: str, names: list[str], batch: int, steps: int, rounds: i
         row = {"run": name, "status": "ok", "wall_s": wall, "sentences_per_s": batch * steps / wall["p50"],
                "cpu_s": bench.spread([run["cpu_s"] for run in runs])["p50"],
                "peak_rss_mb": bench.spread([run["peak_rss_mb"] for run in runs])["p50"]}  # fmt: skip
-        peers = results.get(PEER, [])
-        if name != PEER and len(peers) == rounds and all(run["code"] == 0 for run in peers):
+        peer = RUNS[name][2]
+        peers = results.get(peer, [])
+        if peer and len(peers) == rounds and all(run["code"] == 0 for run in peers):
+            row["peer"] = peer
             row["speedup_over_peer"] = bench.spread(
                 [peer["wall_s"] / run["wall_s"] for peer, run in zip(peers, results[name], strict=True)]
             )
@@ -634,8 +636,8 @@ def whole_runs(encoder: str, names: list[str], batch: int, steps: int, rounds: i
                 row["reported_compile_s"] = bench.spread(compiles)["p50"]
         rows.append(row)
     return {"encoder": encoder, "batch": batch, "steps": steps, "tokens": SEQUENCE_LENGTH, "rounds": rounds,
-            "threads": threads, "mini_batch_size": mini_batch_size, "peer": PEER,
-            "tokenize_2b_s": host, "rows": rows}  # fmt: skip
+            "threads": threads, "mini_batch_size": mini_batch_size, "tokenize_2b_s": host,
+            "rows": rows}  # fmt: skip
 
 
 def _whole_runs_markdown(document: dict) -> str:
@@ -644,9 +646,10 @@ def _whole_runs_markdown(document: dict) -> str:
         f"Whole runs of {document['steps']} steps (process start, imports, model load, the steps, the final "
         f"save): encoder {document['encoder']}, B = {document['batch']} sentences of {document['tokens']} "
         f"tokens, {document['threads']} thread(s) for PyTorch, {document['rounds']} rounds of the runs in "
-        f"turn; {document['device']}; {document['versions']}; commit {document['commit']}. Speed-up: "
-        f"{document['peer']}'s wall time over the run's, round by round. Tokenizing one doubled batch "
-        f"({2 * document['batch']} sentences) takes {document['tokenize_2b_s'] * 1e3:.1f} ms here."
+        f"turn; {document['device']}; {document['versions']}; commit {document['commit']}. Speed-up: the "
+        f"wall time of the run named over the run's, round by round; gradient caching in mini-batches of "
+        f"{document['mini_batch_size']} rows. Tokenizing one doubled batch ({2 * document['batch']} "
+        f"sentences) takes {document['tokenize_2b_s'] * 1e3:.1f} ms here."
     )
     lines = [
         head, "",
@@ -659,7 +662,10 @@ def _whole_runs_markdown(document: dict) -> str:
             lines.append(f"| {row['run']} | {row['status']} | | | | | | |")
             continue
         wall, speedup = row["wall_s"], row.get("speedup_over_peer")
-        ratio = f"{speedup['p50']:.2f}x ({speedup['p20']:.2f}-{speedup['p80']:.2f})" if speedup else ""
+        ratio = (
+            f"{speedup['p50']:.2f}x ({speedup['p20']:.2f}-{speedup['p80']:.2f}) over {row['peer']}"
+            if speedup else ""
+        )  # fmt: skip
         reported = row.get("reported_sentences_per_s")
         reported = f"{reported['p50']:.1f} ({reported['p20']:.1f}-{reported['p80']:.1f})" if reported else ""
         compiled = f"{row['reported_compile_s']:.0f}" if "reported_compile_s" in row else ""

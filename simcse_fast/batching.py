@@ -31,6 +31,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -183,19 +184,22 @@ class Tokenization:
         return Batch(parts, rows, global_sentences)
 
     def _padded(self, sentences: list[str]) -> tuple[list[dict], list[int]]:
+        # As numpy arrays: transformers builds those faster than tensors, which then share them.
         encoded = self.tokenizer(
             sentences, padding="max_length" if self.widths else True, truncation=True,
-            max_length=self.max_length, return_tensors="pt",
+            max_length=self.max_length, return_tensors="np",
         )  # fmt: skip
-        features = {name: torch.cat([tensor, tensor]) for name, tensor in encoded.items()}
-        lengths = used_lengths(features["attention_mask"]).tolist()
+        features = {name: np.concatenate([array, array]).astype(np.int64, copy=False)
+                    for name, array in encoded.items()}  # fmt: skip
+        mask = features["attention_mask"] != 0
+        lengths = np.where(mask.any(axis=1), mask.shape[1] - np.argmax(mask[:, ::-1], axis=1), 0)
         parts, rows = [], []
-        for selected in row_ranges(lengths, *self.budget):
-            width = None
+        for selected in row_ranges(lengths.tolist(), *self.budget):
+            width = max(1, int(lengths[selected].max()))
             if self.widths:
-                longest = max(lengths[selected])
-                width = next(width for width in self.widths if width >= longest)
-            parts.append(rows_of(features, selected, width))
+                width = next(bucket for bucket in self.widths if bucket >= width)
+            parts.append({name: torch.from_numpy(np.ascontiguousarray(array[selected, :width]))
+                          for name, array in features.items()})  # fmt: skip
             rows.append(selected.stop - selected.start)
         return parts, rows
 
