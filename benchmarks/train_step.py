@@ -717,7 +717,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32, help="with --whole-runs: sentences per step")
     parser.add_argument("--steps", type=int, default=12, help="with --whole-runs: steps per run")
     parser.add_argument("--threads", type=int, default=1, help="with --whole-runs: PyTorch's threads per run")
-    parser.add_argument("--out", help="directory for train_step.json/.md (--whole-runs: train_runs.json/.md)")
+    parser.add_argument(
+        "--out", help="directory for train_step.json and .md (train_step-ENCODER.* for another encoder than "
+        "tiny-bert; with --whole-runs train_runs-ENCODER.*)",
+    )  # fmt: skip
     parser.add_argument(
         "--worker", nargs=4, metavar=("FOLDER", "NAME", "BATCH", "MINI"), help=argparse.SUPPRESS
     )
@@ -740,7 +743,7 @@ def main() -> None:
                               args.mini_batch_size)  # fmt: skip
         where = f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
         document.update(device=where, versions=_versions(), commit=bench.git_commit())
-        _write(args.out, "train_runs", document, _whole_runs_markdown(document))
+        _write(args.out, f"train_runs-{encoder}", document, _whole_runs_markdown(document))
         return
     names = _names(args.implementations, IMPLEMENTATIONS, "--implementations", parser)
     args.encoder = args.encoder or "tiny-bert"
@@ -768,7 +771,8 @@ def main() -> None:
         "commit": bench.git_commit(), "mini_batch_size": args.mini_batch_size, "rounds": args.rounds,
         "warmup": args.warmup, "rows": rows,
     }  # fmt: skip
-    _write(args.out, "train_step", document, _markdown(document))
+    stem = "train_step" if args.encoder == "tiny-bert" else f"train_step-{args.encoder}"
+    _write(args.out, stem, document, _markdown(document))
 
 
 def _write(out: str | None, stem: str, document: dict, table: str) -> None:

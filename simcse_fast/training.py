@@ -4,7 +4,15 @@ Each batch of B sentences is tokenized once and encoded as 2B rows (the batch tw
 dropout gives the two views in one forward pass (the official SimCSE trick); row ``i`` and row
 ``B + i`` are positives, every other row of the second half is a negative:
 ``loss = info_nce(z[:B], z[B:], scale=1 / temperature)``, pooled and scored by the fused ops.
-AdamW with linear warm-up and decay, gradient clipping, bf16 autocast on GPUs that support it.
+AdamW (fused) with linear warm-up and decay, gradient clipping, bf16 autocast on GPUs that
+support it, PyTorch's scaled-dot-product attention where the encoder has it.
+
+The device never waits for the host: batches are tokenized ahead in a background thread
+(:mod:`simcse_fast.batching`) and a step (:class:`StepRunner`) reads nothing back; the loss is
+summed on the device and read every ``log_steps`` steps and at checkpoints (:class:`_Progress`),
+which is also where the speed (sentences per second, the share of the steps' time outside the
+encoder) is measured. ``compile`` runs the encoder under ``torch.compile``, ``packed`` feeds it
+unpadded batches through a varlen attention.
 
 Checkpoints (every ``checkpoint_steps``, in ``OUTPUT/checkpoints/step-N``) hold the model,
 optimizer, scheduler and its schedule, every random state, the data position and the last loss;
