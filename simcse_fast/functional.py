@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor
 
 from . import distributed, pooling, similarity
@@ -80,6 +83,72 @@ def _contrastive_loss(
     return similarity.contrastive_loss_op(
         queries, docs, scale, labels, n_local, *flags, implementation, budget
     )
+
+
+def _matryoshka_arguments(dims, weights, dim: int) -> tuple[list[int], list[float]] | None:
+    """``(dims ascending, their weights)`` from the ``matryoshka_dims`` and
+    ``matryoshka_weights`` arguments (``None``: no Matryoshka loss), for embeddings of size
+    ``dim``. Raises ``TypeError``/``ValueError`` naming the argument: the dimensions must be
+    distinct ints in ``[1, dim]``, the weights (default 1 each) finite real numbers, one per
+    dimension."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims: the dimensions they weight")
+        return None
+    if isinstance(dims, (str, bytes, Tensor)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
+    dims = list(dims)
+    if not dims:
+        raise ValueError("matryoshka_dims must name at least one dimension; got an empty sequence")
+    for value in dims:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"matryoshka_dims must hold ints; got {value!r} ({type(value).__name__})")
+        if not 1 <= value <= dim:
+            raise ValueError(f"matryoshka_dims must lie in [1, {dim}] (the embedding size D); got {value}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(
+            f"matryoshka_dims must be distinct (give a repeated dimension one weight, the sum); got {dims}"
+        )
+    if weights is None:
+        weights = [1.0] * len(dims)
+    else:
+        if isinstance(weights, (str, bytes, Tensor)) or not hasattr(weights, "__iter__"):
+            raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {type(weights).__name__}")
+        weights = list(weights)
+        for value in weights:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"matryoshka_weights must hold real numbers; got {value!r} ({type(value).__name__})"
+                )
+            if not math.isfinite(value):
+                raise ValueError(f"matryoshka_weights must be finite; got {value}")
+        if len(weights) != len(dims):
+            raise ValueError(
+                f"matryoshka_weights must have one weight per dimension of matryoshka_dims "
+                f"({len(dims)}); got {len(weights)}"
+            )
+    pairs = sorted(zip((int(d) for d in dims), (float(w) for w in weights), strict=True))
+    return [d for d, _ in pairs], [w for _, w in pairs]
+
+
+def _matryoshka_loss(
+    backends: tuple[str, str], queries: Tensor, docs: Tensor, scale: Tensor, labels, n_local: int,
+    flags: tuple, chunk_mb, matryoshka: tuple[list[int], list[float]],
+) -> Tensor:  # fmt: skip
+    """The Matryoshka loss op (per-row weighted sum) on checked inputs: the strategy is the
+    single-dimension loss's choice for this call, a fused tile mapped to ``"gemm"``
+    (``similarity.matryoshka.implementation_for``)."""
+    requested, resolved = backends
+    budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1])
+    chosen = similarity.choose_implementation(
+        requested, resolved, queries, docs, scale, labels, n_local, flags, budget
+    )
+    dims, weights = matryoshka
+    loss, _ = similarity.matryoshka_loss_op(
+        queries, docs, scale, labels, dims, weights, n_local, *flags,
+        similarity.matryoshka_implementation(chosen), budget,
+    )  # fmt: skip
+    return loss
 
 
 def masked_mean_pool(
@@ -190,6 +259,8 @@ def info_nce(
     chunk_mb: float | None = None,
     gather_across_devices: bool = False,
     group=None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """Cross-entropy over scaled cosine similarities (InfoNCE, MultipleNegativesRankingLoss).
 
@@ -214,6 +285,14 @@ def info_nce(
     whole batch. Every rank must pass the same shapes. Without a process group it changes
     nothing. Memory of the gather: O(world x rows x D).
 
+    ``matryoshka_dims`` (distinct ints in ``[1, D]``, e.g. ``(768, 512, 256, 128, 64)``) makes
+    the per-anchor loss ``sum_k w_k l_i^(d_k)``, where ``l^(d)`` is the loss above on the first
+    ``d`` columns of anchors and candidates, each prefix normalized on its own (the cosine of
+    prefixes; sentence-transformers' ``MatryoshkaLoss``), and ``w_k`` the
+    ``matryoshka_weights`` (real numbers, default 1 each); ``reduction`` then applies to that
+    sum. All dimensions are computed in one pass: the products of one loss at the largest
+    dimension plus O(N M) elementwise work per dimension.
+
     The gradient of the logits, ``g_i (P_ij - [j = labels_i])``, is formed in fp32 with
     ``1 - P_ii`` free of cancellation and only then rounded to the inputs' dtype, so half-precision
     gradients stay accurate for easy positives (``P_ii`` near 1, as in unsupervised SimCSE).
@@ -234,6 +313,7 @@ def info_nce(
         if symmetric:
             raise ValueError("symmetric=True scores candidate i as anchor i's positive; it takes no labels")
         check_labels(labels, n_anchors, n_candidates, anchors.device)
+    matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, anchors.shape[1])
     scale = scale_tensor(scale, anchors.device)
     backends = _loss_backend(backend, "info_nce", anchors, "anchors")
     check_bool("gather_across_devices", gather_across_devices)
@@ -247,7 +327,12 @@ def info_nce(
             gathered = distributed.all_gather_with_grad(anchors, group)
             queries = distributed.local_first(gathered, n_anchors, group)
     flags = (False, symmetric, False, False, True, False)
-    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb)
+    if matryoshka is None:
+        loss, _, _ = _contrastive_loss(backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb)
+    else:
+        loss = _matryoshka_loss(
+            backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb, matryoshka
+        )
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -265,6 +350,8 @@ def in_batch_negatives_loss(
     partition_mode: str = "joint",
     backend: str | None = None,
     chunk_mb: float | None = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """Per-query loss ``(n_local,)`` fp32 of sentence-transformers' MultipleNegativesRankingLoss
     family, without the similarity matrix.
@@ -275,6 +362,8 @@ def in_batch_negatives_loss(
     d_i)``, with ``log_z_i`` over the ``directions`` ("query_to_doc" required; "query_to_query",
     "doc_to_query", "doc_to_doc" as in sentence-transformers): ``partition_mode="joint"`` one
     softmax over all their terms, ``"per_direction"`` the mean of their log-sum-exps.
+    ``matryoshka_dims`` / ``matryoshka_weights``: the weighted sum of this loss over prefix
+    dimensions, in one pass, as in :func:`simcse_fast.info_nce`.
     """
     check_embedding_pair("queries", queries, "docs", docs)
     n_queries = queries.shape[0]
@@ -293,11 +382,14 @@ def in_batch_negatives_loss(
         )
     if partition_mode not in ("joint", "per_direction"):
         raise ValueError(f"partition_mode must be 'joint' or 'per_direction'; got {partition_mode!r}")
+    matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, queries.shape[1])
     scale = scale_tensor(scale, queries.device)
     backends = _loss_backend(backend, "in_batch_negatives_loss", queries, "queries")
     flags = (
         "query_to_query" in directions, "doc_to_query" in directions, "doc_to_doc" in directions,
         partition_mode == "joint", True, False,
     )  # fmt: skip
+    if matryoshka is not None:
+        return _matryoshka_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb, matryoshka)
     loss, _, _ = _contrastive_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb)
     return loss

@@ -5,10 +5,7 @@ copies host data to the device: a step that calls them can be captured in a CUDA
 
 from __future__ import annotations
 
-import math
-
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused, gemm, torch_path
@@ -20,9 +17,9 @@ from .numerics import (
     complement,
     direction_geometry,
     directions,
-    negatives_lse,
     positive_cosines,
     positive_slots,
+    row_loss,
     split_stats,
     weight_scale,
 )
@@ -98,24 +95,8 @@ def contrastive_loss_op(
             negative_lses.append(negative_lse)
     lse = torch.stack(lses)
     stats = torch.cat([lse, torch.stack(negative_lses)]) if negative_lses else lse
-    if not with_positive:
-        loss = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
-        return loss, stats, kept
-    # loss_i = log_z_i - l_ii from the log-sum-exp of the terms other than the positive's:
-    # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
-    # it to the cancellation of two numbers near |s|.
-    positive_logits = scale32 * positive_cosines(q, d, n_local, labels)
-    negatives = negatives_lse(lse, split_stats(stats, chosen)[1], chosen)
-    if joint:
-        # logaddexp(excess, log slots), with the constant as a Python number: no host-to-device copy.
-        log_slots = math.log(positive_slots(chosen))
-        loss = log_slots + F.softplus(torch.logsumexp(negatives, dim=0) - positive_logits - log_slots)
-    else:
-        per_direction = [
-            F.softplus(negatives[k] - positive_logits) if direction.has_positive else lse[k] - positive_logits
-            for k, direction in enumerate(chosen)
-        ]
-        loss = torch.stack(per_direction).mean(dim=0)
+    positive_logits = scale32 * positive_cosines(q, d, n_local, labels) if with_positive else None
+    loss = row_loss(lse, split_stats(stats, chosen)[1], chosen, positive_logits, joint)
     return loss, stats, kept
 
 
