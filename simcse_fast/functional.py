@@ -135,15 +135,17 @@ def _matryoshka_loss(
     backends: tuple[str, str], queries: Tensor, docs: Tensor, scale: Tensor, labels, n_local: int,
     flags: tuple, chunk_mb, matryoshka: tuple[list[int], list[float]],
 ) -> Tensor:  # fmt: skip
-    """The Matryoshka loss op (per-row weighted sum) on checked inputs: the strategy is the
-    single-dimension loss's choice for this call, a fused tile mapped to ``"gemm"``
-    (``similarity.matryoshka.implementation_for``)."""
+    """The Matryoshka loss op (per-row weighted sum) on checked inputs: its memory budget
+    (``similarity.matryoshka_budget``), the strategy the single-dimension loss chooses for this
+    call, a fused tile mapped to ``"gemm"`` (``similarity.matryoshka_implementation``)."""
     requested, resolved = backends
-    budget = similarity.memory_budget(chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1])
+    dims, weights = matryoshka
+    budget = similarity.matryoshka_budget(
+        chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1], len(dims)
+    )
     chosen = similarity.choose_implementation(
         requested, resolved, queries, docs, scale, labels, n_local, flags, budget
     )
-    dims, weights = matryoshka
     loss, _ = similarity.matryoshka_loss_op(
         queries, docs, scale, labels, dims, weights, n_local, *flags,
         similarity.matryoshka_implementation(chosen), budget,

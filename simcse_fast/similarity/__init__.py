@@ -91,7 +91,7 @@ import torch
 
 from .kernels import CTAS_PER_SM, FUSED_CONFIGS, PASS_CONFIGS, TileConfig
 from .matryoshka import implementation_for as matryoshka_implementation
-from .matryoshka import matryoshka_loss_backward_op, matryoshka_loss_op
+from .matryoshka import matryoshka_budget, matryoshka_loss_backward_op, matryoshka_loss_op
 from .numerics import DIRECTIONS, NORM_EPS, inverse_norms, memory_budget
 from .op import contrastive_loss_backward_op, contrastive_loss_op
 from .select import (
@@ -129,6 +129,7 @@ __all__ = [
     "contrastive_loss_op",
     "inverse_norms",
     "loss_strategies",
+    "matryoshka_budget",
     "matryoshka_implementation",
     "matryoshka_loss_backward_op",
     "matryoshka_loss_op",
