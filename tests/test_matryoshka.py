@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from inputs import assert_within_eager, cpu_backends, random_embeddings
 from loss_checks import FORWARD_TOLERANCE, GRADIENT_TOLERANCE, assert_close_scaled
-from test_loss_strategies import HostSyncDetector
+from test_loss_strategies import OP_MODES, HostSyncDetector, _CheckedKernel, _GuardRecorder
 
 import simcse_fast as sf
 from simcse_fast import functional, reference
@@ -228,17 +228,10 @@ def test_half_precision_with_easy_positives_within_twice_eager(backend, dtype, l
 
 # The ops: no host synchronization, opcheck, launches under the tensors' device.
 
-# (labels, n_local, query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
-OP_MODES = {
-    "info_nce": (False, 20, False, False, False, False, True, False),
-    "labels": (True, 20, False, False, False, False, True, False),
-    "symmetric": (False, 20, False, True, False, False, True, False),
-    "all_directions_joint_gathered": (False, 12, True, True, True, True, True, False),
-    "logsumexp_exclude_diagonal": (False, 20, False, False, False, False, False, True),
-}
+MODES = ("info_nce", "labels", "symmetric", "all_directions_joint_gathered", "exclude_diagonal")
 
 
-@pytest.mark.parametrize("mode", list(OP_MODES))
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", matryoshka.MATRYOSHKA_STRATEGIES)
 def test_ops_issue_no_host_synchronization(strategy, mode, generator):
     if strategy == "gemm" and "triton" not in cpu_backends():
@@ -286,41 +279,16 @@ def test_every_triton_launch_runs_under_the_tensors_device(monkeypatch, generato
     """The weights kernel and the forward pass kernel it reuses launch under ``launch_device``."""
     from simcse_fast.similarity import fused
 
-    guarded, active = [], []
-
-    def recorder(device):
-        class Guard:
-            def __enter__(self):
-                active.append(device)
-
-            def __exit__(self, *exc):
-                active.pop()
-
-        return Guard()
-
-    def checked(kernel):
-        class Checked:
-            def __getitem__(self, grid):
-                def launch(*args, **kwargs):
-                    devices = {arg.device for arg in args if isinstance(arg, torch.Tensor)}
-                    assert active and devices == {active[-1]}, (devices, active)
-                    guarded.append(grid)
-                    return kernel[grid](*args, **kwargs)
-
-                return launch
-
-        return Checked()
-
+    recorder = _GuardRecorder()
     for module in (fused, matryoshka):
         monkeypatch.setattr(module, "launch_device", recorder)
-    monkeypatch.setattr(fused, "_lse_partial_kernel", checked(fused._lse_partial_kernel))
-    monkeypatch.setattr(
-        matryoshka, "_matryoshka_weights_kernel", checked(matryoshka._matryoshka_weights_kernel)
-    )
+    monkeypatch.setattr(fused, "_lse_partial_kernel", _CheckedKernel(fused._lse_partial_kernel, recorder))
+    kernel = _CheckedKernel(matryoshka._matryoshka_weights_kernel, recorder)
+    monkeypatch.setattr(matryoshka, "_matryoshka_weights_kernel", kernel)
     anchors = random_embeddings((10, 16), torch.float32, generator).requires_grad_()
     loss = sf.info_nce(anchors, anchors.detach() + 0.1, matryoshka_dims=[8, 16], backend="triton")
     loss.backward()
-    assert len(guarded) == 3  # a forward launch per dimension, a weights launch for the block
+    assert len(recorder.guarded_launches) == 3  # a forward launch per dimension, a weights launch
 
 
 # Argument checks.
