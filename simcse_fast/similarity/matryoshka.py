@@ -168,15 +168,19 @@ def _matryoshka_weights_kernel(
     else:
         positive_cols = global_rows
     scale = tl.load(scale_ptr).to(tl.float32)
-    dots_tile = r.to(tl.int64)[:, None] * stride_dots + c[None, :]
-    w_tile = r.to(tl.int64)[:, None] * stride_w + c[None, :]
+    # int64 per row, not per element: a chunk of dot products passes 2**31 elements at M = 10**7.
+    dots_rows = dots_ptr + r.to(tl.int64) * stride_dots
+    w_rows = w_ptr + r.to(tl.int64) * stride_w
     in_tile = r_in[:, None] & c_in[None, :]
     total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for step in range(0, n_dims):
-        k = (n_dims - 1 - step).to(tl.int64)
-        dots = tl.load(dots_ptr + k * stride_dots_dim + dots_tile, mask=in_tile, other=0.0)
-        row_base = row_data_ptr + k * ROW_FIELDS * n_rows
-        col_base = col_data_ptr + k * COL_FIELDS * n_cols
+        k = n_dims - 1 - step
+        dots = tl.load(
+            (dots_rows + k.to(tl.int64) * stride_dots_dim)[:, None] + c[None, :], mask=in_tile, other=0.0
+        )
+        # The per-row and per-column tables of a sub-chunk stay far below 2**31 entries.
+        row_base = row_data_ptr + k * (ROW_FIELDS * n_rows)
+        col_base = col_data_ptr + k * (COL_FIELDS * n_cols)
         inv_norm_x = tl.load(row_base + r, mask=r_in, other=0.0)
         inv_norm_y = tl.load(col_base + c, mask=c_in, other=0.0)
         cos = inv_norm_x[:, None] * dots * inv_norm_y[None, :]
@@ -198,16 +202,14 @@ def _matryoshka_weights_kernel(
             weights = tl.where(c[None, :] == positive_cols[:, None], positive_value[:, None], weights)
         weights = tl.where(keep, weights, 0.0)
         products = weights * cos
-        tl.store(
-            row_sums_ptr + (k * col_blocks + col_block) * n_rows + r, tl.sum(products, axis=1), mask=r_in
-        )
-        tl.store(
-            col_sums_ptr + (k * row_blocks + row_block) * n_cols + c, tl.sum(products, axis=0), mask=c_in
-        )
+        row_sums = row_sums_ptr + (k * col_blocks + col_block).to(tl.int64) * n_rows
+        tl.store(row_sums + r, tl.sum(products, axis=1), mask=r_in)
+        col_sums = col_sums_ptr + (k * row_blocks + row_block).to(tl.int64) * n_cols
+        tl.store(col_sums + c, tl.sum(products, axis=0), mask=c_in)
         ratio_x = tl.load(row_base + n_rows + r, mask=r_in, other=0.0)
         ratio_y = tl.load(col_base + n_cols + c, mask=c_in, other=0.0)
         total += weights * (ratio_x[:, None] * ratio_y[None, :])
-        out = w_ptr + k * stride_w_dim + w_tile
+        out = (w_rows + k.to(tl.int64) * stride_w_dim)[:, None] + c[None, :]
         tl.store(out, total.to(w_ptr.dtype.element_ty), mask=in_tile)
 
 
