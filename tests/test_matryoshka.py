@@ -129,6 +129,41 @@ def test_chunks_and_sub_blocks_give_the_same_loss(strategy, backend, dtype, monk
     )  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    "strategy, backend, dtype", STRATEGY_CASES[::2], ids=lambda v: str(v).removeprefix("torch.")
+)
+def test_logsumexp_layout_matches_the_summed_reference(strategy, backend, dtype, generator):
+    """The op without a positive (``similarity_logsumexp``'s layout, the diagonal left out): the
+    per-row weighted sum of ``reference.similarity_logsumexp`` over the prefixes, and its
+    gradients."""
+    if backend not in cpu_backends():
+        pytest.skip("needs the Triton interpreter")
+    queries = random_embeddings((12, 40), torch.float64, generator)
+    keys = random_embeddings((30, 40), torch.float64, generator)
+    dims, weights = [6, 23, 40], [1.0, 0.5, 2.0]
+    flags = (False, False, False, False, False, True)
+
+    def fused(q, k, *, scale):
+        return matryoshka.matryoshka_loss_op(q, k, scale, None, dims, weights, 12, *flags, strategy, 1 << 20)[
+            0
+        ]
+
+    def summed(q, k, *, scale):
+        return sum(
+            w * reference.similarity_logsumexp(q[:, :d], k[:, :d], scale=scale, exclude_diagonal=True)
+            for d, w in zip(dims, weights, strict=True)
+        )
+
+    scale = torch.tensor(20.0)
+    out, grads, _ = gradients(fused, (queries.to(dtype), keys.to(dtype)), scale, 5)
+    expected, expected_grads, _ = gradients(
+        summed, (queries.to(dtype).double(), keys.to(dtype).double()), scale.double(), 5
+    )
+    assert_close_scaled(out, expected, FORWARD_TOLERANCE[dtype], "logsumexp layout")
+    for name, grad, want in zip(("queries", "keys", "scale"), grads, expected_grads, strict=True):
+        assert_close_scaled(grad, want, GRADIENT_TOLERANCE[dtype], f"logsumexp layout d{name}", 20.0 * 3)
+
+
 def summed_in_batch(queries, docs, dims, weights, **options):
     return sum(
         w * functional.in_batch_negatives_loss(queries[:, :d], docs[:, :d], backend="torch", **options)
@@ -289,6 +324,27 @@ def test_every_triton_launch_runs_under_the_tensors_device(monkeypatch, generato
     loss = sf.info_nce(anchors, anchors.detach() + 0.1, matryoshka_dims=[8, 16], backend="triton")
     loss.backward()
     assert len(recorder.guarded_launches) == 3  # a forward launch per dimension, a weights launch
+
+
+def test_compiles_without_graph_breaks(generator):
+    """``torch.compile(fullgraph=True)`` traces through both ops: the same loss and gradients."""
+    torch._dynamo.reset()
+
+    def loss_fn(anchors, candidates):
+        return sf.info_nce(anchors, candidates, matryoshka_dims=[4, 16], matryoshka_weights=[0.5, 1.0])
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    inputs = (
+        random_embeddings((6, 16), torch.float32, generator),
+        random_embeddings((9, 16), torch.float32, generator),
+    )
+    leaves = [[t.clone().requires_grad_() for t in inputs] for _ in range(2)]
+    eager, traced = loss_fn(*leaves[0]), compiled(*leaves[1])
+    eager.backward()
+    traced.backward()
+    torch.testing.assert_close(traced, eager)
+    for eager_leaf, traced_leaf in zip(*leaves, strict=True):
+        torch.testing.assert_close(traced_leaf.grad, eager_leaf.grad)
 
 
 # Argument checks.
