@@ -370,3 +370,31 @@ def test_gathered_across_gloo_ranks_matches_sentence_transformers(tiny_bert_dir,
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for name in ("hardness", "gist"):
             assert_same(results[name, "ours"], results[name, "theirs"], f"rank {rank} {name}")
+
+
+@needs_hardness
+def test_matryoshka_over_hardness_matches_sentence_transformers(tiny_bert_dir, generator):
+    """The MatryoshkaLoss drop-in over hardness-weighted MNRL (a fused loss per dimension: the
+    one-pass op takes no hardness) against sentence-transformers' classes."""
+    model = make_model(tiny_bert_dir, models.Pooling)
+    texts = GIST_COLUMNS["triplets"]
+    kwargs = {"hardness_mode": "all_negatives", "hardness_strength": 5.0}
+    results = []
+    for module in (losses, st_losses):
+        loss = module.MatryoshkaLoss(model, module.MultipleNegativesRankingLoss(model, **kwargs), [32, 16, 8])
+        results.append(gist_parameter_grads(model, loss, texts))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for name in results[1][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_matryoshka_over_gist_matches_sentence_transformers(tiny_bert_dir, guide_model):
+    model = make_model(tiny_bert_dir, models.Pooling)
+    texts = GIST_COLUMNS["pairs"]
+    results = []
+    for module in (losses, st_losses):
+        loss = module.MatryoshkaLoss(model, module.GISTEmbedLoss(model, guide_model), [32, 16])
+        results.append(gist_parameter_grads(model, loss, texts))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    for name in results[1][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
