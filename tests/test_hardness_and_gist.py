@@ -398,3 +398,26 @@ def test_matryoshka_over_gist_matches_sentence_transformers(tiny_bert_dir, guide
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     for name in results[1][1]:
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
+def test_matryoshka_over_a_float64_model_matches_sentence_transformers(cached, tiny_bert_dir):
+    """float64 embeddings take sentence-transformers' computation inside the fused MatryoshkaLoss
+    too: once per dimension it was handed, the same loss and gradients."""
+    model = make_model(tiny_bert_dir, models.Pooling).double()
+    texts = GIST_COLUMNS["triplets"]
+    results = []
+    for module in (losses, st_losses):
+        inner = (
+            module.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+            if cached
+            else module.MultipleNegativesRankingLoss(model)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the one fallback warning
+            results.append(
+                gist_parameter_grads(model, module.MatryoshkaLoss(model, inner, [32, 16, 8]), texts)
+            )
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-10)
+    for name in results[1][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-8, atol=1e-10, msg=name)

@@ -275,11 +275,10 @@ class CachedMultipleNegativesRankingLoss(_SeveralDimensions, st_losses.CachedMul
             # MatryoshkaLoss handed this call every dimension: sentence-transformers' loss stage once
             # for each, one backward through the prefixes.
             options = _accepted(super().calculate_loss, labels=labels)
-            loss = sum(
-                weight
-                * super().calculate_loss([[part[..., :dim] for part in column] for column in reps], **options)
-                for dim, weight in zip(*self._matryoshka, strict=True)
-            )
+            loss = 0.0
+            for dim, weight in zip(*self._matryoshka, strict=True):
+                prefixes = [[part[..., :dim] for part in column] for column in reps]
+                loss = loss + weight * super().calculate_loss(prefixes, **options)
             if with_backward:
                 loss.backward()
                 loss = loss.detach()
