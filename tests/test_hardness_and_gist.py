@@ -6,6 +6,7 @@ rule."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import warnings
@@ -191,6 +192,33 @@ def guide_model(tiny_bert_dir):
     return guide
 
 
+def assert_parameter_grads_close(ours: dict, theirs: dict, truth: dict) -> None:
+    """Each parameter's gradient from our loss within twice the error of sentence-transformers'
+    fp32 gradient against the float64 truth, plus an atol of 1e-4 of the gradient's largest
+    magnitude (at least 1). The embeddings' gradients meet the row-by-row rule with fp32's atol
+    of 1e-5 (the cached and half-precision tests); backpropagated through the encoder, GIST's
+    scale of 100 and sums over every token take both fp32 computations a few times further,
+    and the key bias's true gradient is zero (softmax ignores it), so its error is absolute.
+    Where identical texts tie the guide's threshold, fp32 and float64 may mask differently:
+    both fp32 computations then stand equally far from the truth."""
+    assert ours.keys() == theirs.keys() == truth.keys() and len(ours) > 10
+    for name, exact in truth.items():
+        our_error = (ours[name].double() - exact).abs().max().item()
+        their_error = (theirs[name].double() - exact).abs().max().item()
+        atol = 1e-4 * max(1.0, exact.abs().max().item())
+        assert our_error <= 2 * their_error + atol, (
+            f"{name}: error {our_error:.2e} against float64, sentence-transformers' {their_error:.2e}"
+        )
+
+
+def float64_parameter_grads(build_loss, model, guide, columns):
+    """The gradients of ``build_loss(model, guide)`` (sentence-transformers' classes) with both
+    models in float64: the truth both fp32 computations are judged against."""
+    model64 = copy.deepcopy(model).double()
+    guide64 = copy.deepcopy(guide).double() if guide is not None else None
+    return gist_parameter_grads(model64, build_loss(model64, guide64), columns)
+
+
 def gist_parameter_grads(model, loss, columns):
     model.zero_grad()
     value = loss([tokenize(model, column) for column in columns], torch.empty(0))
@@ -221,10 +249,11 @@ def test_gist_matches_sentence_transformers(options, columns, tiny_bert_dir, gui
         warnings.simplefilter("error")
         ours = gist_parameter_grads(model, losses.GISTEmbedLoss(model, guide_model, **options), texts)
     theirs = gist_parameter_grads(model, st_losses.GISTEmbedLoss(model, guide_model, **options), texts)
+    truth = float64_parameter_grads(
+        lambda m, g: st_losses.GISTEmbedLoss(m, g, **options), model, guide_model, texts
+    )
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 10
-    for name in ours[1]:
-        torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_parameter_grads_close(ours[1], theirs[1], truth[1])
 
 
 def gist_reps(generator, n_columns=3, batch=6, dim=16, guide_dim=12):
@@ -383,21 +412,48 @@ def test_matryoshka_over_hardness_matches_sentence_transformers(tiny_bert_dir, g
     for module in (losses, st_losses):
         loss = module.MatryoshkaLoss(model, module.MultipleNegativesRankingLoss(model, **kwargs), [32, 16, 8])
         results.append(gist_parameter_grads(model, loss, texts))
+    truth = float64_parameter_grads(
+        lambda m, _: st_losses.MatryoshkaLoss(m, st_losses.MultipleNegativesRankingLoss(m, **kwargs), [32, 16, 8]),
+        model,
+        None,
+        texts,
+    )
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-    for name in results[1][1]:
-        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_parameter_grads_close(results[0][1], results[1][1], truth[1])
+
+
+def st_gist_overwrites_features(model, guide, texts) -> bool:
+    """Whether sentence-transformers' GISTEmbedLoss runs the guide on the model's own feature
+    dicts (releases before the shallow copies), leaving the guide's embedding where its
+    MatryoshkaLoss reads the model's for every dimension after the first."""
+    features = [tokenize(model, column) for column in texts]
+    with torch.no_grad():
+        st_losses.GISTEmbedLoss(model, guide)(features, torch.empty(0))
+        guide_embedding = guide(tokenize(guide, texts[0]))["sentence_embedding"]
+    left = features[0].get("sentence_embedding")
+    return left is not None and torch.equal(left, guide_embedding)
 
 
 def test_matryoshka_over_gist_matches_sentence_transformers(tiny_bert_dir, guide_model):
     model = make_model(tiny_bert_dir, models.Pooling)
     texts = GIST_COLUMNS["pairs"]
+    if st_gist_overwrites_features(model, guide_model, texts):
+        pytest.skip(
+            "this sentence-transformers' GISTEmbedLoss writes the guide's embeddings into the "
+            "model's features: its MatryoshkaLoss scores the guide's after the first dimension"
+        )
     results = []
     for module in (losses, st_losses):
         loss = module.MatryoshkaLoss(model, module.GISTEmbedLoss(model, guide_model), [32, 16])
         results.append(gist_parameter_grads(model, loss, texts))
+    truth = float64_parameter_grads(
+        lambda m, g: st_losses.MatryoshkaLoss(m, st_losses.GISTEmbedLoss(m, g), [32, 16]),
+        model,
+        guide_model,
+        texts,
+    )
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
-    for name in results[1][1]:
-        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_parameter_grads_close(results[0][1], results[1][1], truth[1])
 
 
 @pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
