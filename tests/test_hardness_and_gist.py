@@ -30,7 +30,7 @@ from test_sentence_transformers import (
 
 from simcse_fast.sentence_transformers import losses, models
 from simcse_fast.sentence_transformers._compat import st_losses
-from simcse_fast.similarity import select
+from simcse_fast.similarity import numerics, select
 
 HAS_HARDNESS = (
     "hardness_mode" in inspect.signature(st_losses.MultipleNegativesRankingLoss.__init__).parameters
@@ -134,6 +134,23 @@ def test_gathered_hardness_matches_sentence_transformers(mode, generator, monkey
     ours = loss_and_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
     theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
     assert_same(ours, theirs, f"gathered {mode}")
+
+
+@needs_hardness
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+@pytest.mark.parametrize("gathered", [False, True], ids=["local", "gathered"])
+def test_hardness_in_row_chunks_matches_sentence_transformers(mode, gathered, generator, monkeypatch):
+    """A 1 KiB budget: rows in chunks of a few, so chunks start past a query's own documents (the
+    hardness masks are sparse per chunk); 37 rows and two hard negatives, every direction."""
+    monkeypatch.setenv(numerics.CHUNK_ENV_VAR, str(1 / 1024))
+    if gathered:
+        as_rank_one_of_three(monkeypatch, st_losses.MultipleNegativesRankingLoss)
+    columns = random_columns(4, generator, batch=37)
+    kwargs = {"hardness_mode": mode, "hardness_strength": 5.0, "gather_across_devices": gathered}
+    kwargs["directions"] = DIRECTION_PAIR if gathered else OPTION_CASES[-1]["directions"]
+    ours = loss_and_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    assert_same(ours, theirs, f"chunked {mode}")
 
 
 HALF_CASES = [("torch", torch.bfloat16, 1.0), ("torch", torch.float16, 2.0**14)]
@@ -412,12 +429,12 @@ def test_matryoshka_over_hardness_matches_sentence_transformers(tiny_bert_dir, g
     for module in (losses, st_losses):
         loss = module.MatryoshkaLoss(model, module.MultipleNegativesRankingLoss(model, **kwargs), [32, 16, 8])
         results.append(gist_parameter_grads(model, loss, texts))
-    truth = float64_parameter_grads(
-        lambda m, _: st_losses.MatryoshkaLoss(m, st_losses.MultipleNegativesRankingLoss(m, **kwargs), [32, 16, 8]),
-        model,
-        None,
-        texts,
-    )
+
+    def their_loss(model64, _):
+        inner = st_losses.MultipleNegativesRankingLoss(model64, **kwargs)
+        return st_losses.MatryoshkaLoss(model64, inner, [32, 16, 8])
+
+    truth = float64_parameter_grads(their_loss, model, None, texts)
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
     assert_parameter_grads_close(results[0][1], results[1][1], truth[1])
 
