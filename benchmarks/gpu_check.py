@@ -66,7 +66,8 @@ VERSIONS_OF = ("torch", "triton", "transformers", "sentence-transformers", "nump
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """What the stages measure: shapes (loss ``(N, D)`` with M = N, the gradient error's
+    """What the stages measure: shapes (loss ``(N, D)`` with M = N, its recipes (hardness
+    weighting, GIST) ``(N, D)``, the gradient error's
     ``(N, D)``, pooling ``(B, L, H)``), the training step's encoder (``train_step.ENCODERS``),
     batch, mini-batch, measured steps and the batches of the largest-batch search; how
     (``simcse-fast bench``'s preset, repeats and seconds per pass, the ``torch.compile``
@@ -74,6 +75,7 @@ class Sizes:
 
     dtype: str
     loss: tuple
+    recipes: tuple
     precision: tuple
     pooling: tuple
     packed: tuple
@@ -93,6 +95,7 @@ class Sizes:
 GPU_SIZES = Sizes(
     dtype="bfloat16",
     loss=((4096, 768), (32768, 768), (65536, 768)),
+    recipes=((4096, 768),),
     precision=(4096, 768),
     pooling=((512, 32, 768), (256, 512, 1024)),
     packed=((512, 32, 768),),
@@ -111,6 +114,7 @@ GPU_SIZES = Sizes(
 DRY_RUN_SIZES = Sizes(
     dtype="bfloat16",
     loss=((64, 32), (128, 32)),
+    recipes=((32, 16),),
     precision=(64, 32),
     pooling=((4, 8, 32),),
     packed=((4, 8, 32),),
@@ -377,7 +381,8 @@ def _is_compiled(impl: str) -> bool:
 def stage_loss(ctx: Context) -> None:
     """The bf16 gradient error of each loss strategy and of eager PyTorch against float64 (easy
     positives), then the loss timed: every strategy pinned, ``"auto"``, and the peers except
-    ``torch.compile`` (its own stage)."""
+    ``torch.compile`` (its own stage); last its recipes, hardness weighting and GIST beside
+    sentence-transformers' classes."""
     import loss_precision
 
     from simcse_fast import functional, similarity
@@ -400,7 +405,7 @@ def stage_loss(ctx: Context) -> None:
             traceback.print_exc()
             record["errors"][name] = _first_line(error)
         ctx.save(precision=record)
-    _run_bench(ctx, ("loss",), lambda impl: not _is_compiled(impl), dispatch=False)
+    _run_bench(ctx, ("loss", "recipes"), lambda impl: not _is_compiled(impl), dispatch=False)
 
 
 def stage_pooling(ctx: Context) -> None:

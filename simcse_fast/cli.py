@@ -122,8 +122,8 @@ def run_demo(args: argparse.Namespace) -> int:
 
 def _parse_sizes(text: str) -> dict:
     """``"32x128x384,512x768"`` -> pooling shapes (three numbers: B x L x H, for padded and
-    packed pooling alike) and loss shapes (two numbers: N x D)."""
-    sizes: dict[str, list[tuple[int, ...]]] = {"pooling": [], "packed": [], "loss": []}
+    packed pooling alike) and loss shapes (two numbers: N x D, for the loss and its recipes)."""
+    sizes: dict[str, list[tuple[int, ...]]] = {"pooling": [], "packed": [], "loss": [], "recipes": []}
     for item in filter(None, (part.strip() for part in text.split(","))):
         try:
             numbers = tuple(int(value) for value in item.lower().split("x"))
@@ -138,6 +138,7 @@ def _parse_sizes(text: str) -> dict:
             sizes["packed"].append(numbers)
         else:
             sizes["loss"].append(numbers)
+            sizes["recipes"].append(numbers)
     return sizes
 
 
@@ -397,8 +398,10 @@ def _bench_options(bench_parser: argparse.ArgumentParser) -> None:
     from . import bench
 
     bench_parser.add_argument(
-        "--ops", default=",".join(bench.OPS),
-        help=f"op families, comma-separated, among {', '.join(bench.OPS)} (default: all)",
+        "--ops", default=",".join(bench.DEFAULT_FAMILIES),
+        help=f"op families, comma-separated, among {', '.join(bench.OPS)} (default: "
+        f"{','.join(bench.DEFAULT_FAMILIES)}; recipes: hardness weighting and GIST beside "
+        "sentence-transformers)",
     )  # fmt: skip
     presets = bench_parser.add_mutually_exclusive_group()
     presets.add_argument(

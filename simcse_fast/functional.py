@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from torch import Tensor
 
 from . import distributed, pooling, similarity
@@ -85,6 +88,85 @@ def _contrastive_loss(
     return similarity.contrastive_loss_op(
         queries, docs, scale, labels, n_local, *flags, implementation, budget, *extra
     )
+
+
+def _matryoshka_arguments(dims, weights, dim: int) -> tuple[list[int], list[float]] | None:
+    """``(dims ascending, their weights)`` from the ``matryoshka_dims`` and
+    ``matryoshka_weights`` arguments (``None``: no Matryoshka loss), for embeddings of size
+    ``dim``. Raises ``TypeError``/``ValueError`` naming the argument: the dimensions must be
+    distinct ints in ``[1, dim]``, the weights (default 1 each) finite real numbers, one per
+    dimension."""
+    if dims is None:
+        if weights is not None:
+            raise ValueError("matryoshka_weights needs matryoshka_dims: the dimensions they weight")
+        return None
+    if isinstance(dims, (str, bytes, Tensor)) or not hasattr(dims, "__iter__"):
+        raise TypeError(f"matryoshka_dims must be a sequence of ints, got {type(dims).__name__}")
+    dims = list(dims)
+    if not dims:
+        raise ValueError("matryoshka_dims must name at least one dimension; got an empty sequence")
+    for value in dims:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"matryoshka_dims must hold ints; got {value!r} ({type(value).__name__})")
+        if not 1 <= value <= dim:
+            raise ValueError(f"matryoshka_dims must lie in [1, {dim}] (the embedding size D); got {value}")
+    if len(set(dims)) != len(dims):
+        raise ValueError(
+            f"matryoshka_dims must be distinct (give a repeated dimension one weight, the sum); got {dims}"
+        )
+    if weights is None:
+        weights = [1.0] * len(dims)
+    else:
+        if isinstance(weights, (str, bytes, Tensor)) or not hasattr(weights, "__iter__"):
+            raise TypeError(f"matryoshka_weights must be a sequence of numbers, got {type(weights).__name__}")
+        weights = list(weights)
+        for value in weights:
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(
+                    f"matryoshka_weights must hold real numbers; got {value!r} ({type(value).__name__})"
+                )
+            if not math.isfinite(value):
+                raise ValueError(f"matryoshka_weights must be finite; got {value}")
+        if len(weights) != len(dims):
+            raise ValueError(
+                f"matryoshka_weights must have one weight per dimension of matryoshka_dims "
+                f"({len(dims)}); got {len(weights)}"
+            )
+    pairs = sorted(zip((int(d) for d in dims), (float(w) for w in weights), strict=True))
+    return [d for d, _ in pairs], [w for _, w in pairs]
+
+
+def _matryoshka_loss(
+    backends: tuple[str, str], queries: Tensor, docs: Tensor, scale: Tensor, labels, n_local: int,
+    flags: tuple, chunk_mb, matryoshka: tuple[list[int], list[float]], options=similarity.PLAIN,
+) -> Tensor:  # fmt: skip
+    """The Matryoshka loss op (per-row weighted sum) on checked inputs: its memory budget
+    (``similarity.matryoshka_budget``), the strategy the single-dimension loss chooses for this
+    call, a fused tile mapped to ``"gemm"`` (``similarity.matryoshka_implementation``). With
+    hardness weighting (``options``), which the one-pass op does not take, one fused loss per
+    dimension on the prefixes, weighted and summed: the same loss at the sum of the dimensions'
+    cost."""
+    requested, resolved = backends
+    dims, weights = matryoshka
+    if options.adjusts_logits:
+        total = None
+        for dim, weight in zip(dims, weights, strict=True):
+            loss, _, _ = _contrastive_loss(
+                backends, queries[:, :dim], docs[:, :dim], scale, labels, n_local, flags, chunk_mb, options
+            )
+            total = weight * loss if total is None else total + weight * loss
+        return total
+    budget = similarity.matryoshka_budget(
+        chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1], len(dims)
+    )
+    chosen = similarity.choose_implementation(
+        requested, resolved, queries, docs, scale, labels, n_local, flags, budget
+    )
+    loss, _ = similarity.matryoshka_loss_op(
+        queries, docs, scale, labels, dims, weights, n_local, *flags,
+        similarity.matryoshka_implementation(chosen), budget,
+    )  # fmt: skip
+    return loss
 
 
 def masked_mean_pool(
@@ -195,6 +277,8 @@ def info_nce(
     chunk_mb: float | None = None,
     gather_across_devices: bool = False,
     group=None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """Cross-entropy over scaled cosine similarities (InfoNCE, MultipleNegativesRankingLoss).
 
@@ -219,6 +303,14 @@ def info_nce(
     whole batch. Every rank must pass the same shapes. Without a process group it changes
     nothing. Memory of the gather: O(world x rows x D).
 
+    ``matryoshka_dims`` (distinct ints in ``[1, D]``, e.g. ``(768, 512, 256, 128, 64)``) makes
+    the per-anchor loss ``sum_k w_k l_i^(d_k)``, where ``l^(d)`` is the loss above on the first
+    ``d`` columns of anchors and candidates, each prefix normalized on its own (the cosine of
+    prefixes; sentence-transformers' ``MatryoshkaLoss``), and ``w_k`` the
+    ``matryoshka_weights`` (real numbers, default 1 each); ``reduction`` then applies to that
+    sum. All dimensions are computed in one pass: the products of one loss at the largest
+    dimension plus O(N M) elementwise work per dimension.
+
     The gradient of the logits, ``g_i (P_ij - [j = labels_i])``, is formed in fp32 with
     ``1 - P_ii`` free of cancellation and only then rounded to the inputs' dtype, so half-precision
     gradients stay accurate for easy positives (``P_ii`` near 1, as in unsupervised SimCSE).
@@ -239,6 +331,7 @@ def info_nce(
         if symmetric:
             raise ValueError("symmetric=True scores candidate i as anchor i's positive; it takes no labels")
         check_labels(labels, n_anchors, n_candidates, anchors.device)
+    matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, anchors.shape[1])
     scale = scale_tensor(scale, anchors.device)
     backends = _loss_backend(backend, "info_nce", anchors, "anchors")
     check_bool("gather_across_devices", gather_across_devices)
@@ -252,7 +345,12 @@ def info_nce(
             gathered = distributed.all_gather_with_grad(anchors, group)
             queries = distributed.local_first(gathered, n_anchors, group)
     flags = (False, symmetric, False, False, True, False)
-    loss, _, _ = _contrastive_loss(backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb)
+    if matryoshka is None:
+        loss, _, _ = _contrastive_loss(backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb)
+    else:
+        loss = _matryoshka_loss(
+            backends, queries, docs, scale, labels, n_anchors, flags, chunk_mb, matryoshka
+        )
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -272,6 +370,8 @@ def in_batch_negatives_loss(
     hardness_strength: float = 0.0,
     backend: str | None = None,
     chunk_mb: float | None = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """Per-query loss ``(n_local,)`` fp32 of sentence-transformers' MultipleNegativesRankingLoss
     family, without the similarity matrix.
@@ -288,6 +388,9 @@ def in_batch_negatives_loss(
     ``scale cos + alpha stopgrad(cos)``: ``"in_batch_negatives"`` the documents of other queries,
     ``"hard_negatives"`` the query's own hard negatives, ``"all_negatives"`` every document but the
     positive. A selected term's forward multiplier is ``scale + alpha``, its gradient's ``scale``.
+
+    ``matryoshka_dims`` / ``matryoshka_weights``: the weighted sum of this loss over prefix
+    dimensions, in one pass, as in :func:`simcse_fast.info_nce`.
     """
     check_embedding_pair("queries", queries, "docs", docs)
     n_queries = queries.shape[0]
@@ -316,6 +419,7 @@ def in_batch_negatives_loss(
     if not 0 <= hardness_strength < float("inf"):
         raise ValueError(f"hardness_strength must be a non-negative, finite number; got {hardness_strength}")
     hardness = similarity.HARDNESS_MODES[hardness_mode] if hardness_mode and hardness_strength > 0 else 0
+    matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, queries.shape[1])
     scale = scale_tensor(scale, queries.device)
     backends = _loss_backend(backend, "in_batch_negatives_loss", queries, "queries")
     flags = (
@@ -323,6 +427,10 @@ def in_batch_negatives_loss(
         partition_mode == "joint", True, False,
     )  # fmt: skip
     options = similarity.LossOptions(hardness=hardness, hardness_strength=hardness_strength)
+    if matryoshka is not None:
+        return _matryoshka_loss(
+            backends, queries, docs, scale, None, n_local, flags, chunk_mb, matryoshka, options
+        )
     loss, _, _ = _contrastive_loss(backends, queries, docs, scale, None, n_local, flags, chunk_mb, options)
     return loss
 

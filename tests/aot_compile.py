@@ -29,7 +29,8 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 # Triton specializes such arguments at run time, so the aligned cases are the ones that run.
 ALIGNED_SIZES = {
     "hidden", "stride_x_batch", "stride_x_seq", "stride_mask_batch", "stride_grad_batch",
-    "dim", "stride_q", "stride_k", "stride_x", "stride_y", "stride_dots", "stride_w",
+    "dim", "stride_q", "stride_k", "stride_x", "stride_y", "stride_dots", "stride_w", "stride_dots_dim",
+    "stride_w_dim",
 }  # fmt: skip
 VECTOR_LOAD = re.compile(r"ld\.global(\.\w+)*\.v4|cp\.async\.cg\.shared\.global[^;]*0x10")
 """A 16-byte load in PTX: a vector load into registers or an asynchronous copy to shared memory."""
@@ -278,7 +279,37 @@ def adjusted_cases():
     yield _similarity_case("weights", "bf16", "ieee", tile, weights[4], False, guide_dtype="fp32")
 
 
-CASES = {"pooling": pooling_cases, "similarity": similarity_cases}
+MATRYOSHKA_HEAVIEST = (True, True, 1, 0)
+"""The symmetric block (row and column terms, a positive): the most registers."""
+
+
+def matryoshka_cases():
+    """The Matryoshka loss's weights kernel (a pass over K chunks of precomputed dot products),
+    at the tile its launcher uses: every flag set of the single-dimension weights kernel with
+    ``What`` in bf16, and the heaviest with ``What`` in fp16 and fp32."""
+    from simcse_fast.similarity import matryoshka
+
+    config = matryoshka.MATRYOSHKA_PASS
+    cases = [(flag_set, "bf16") for flag_set in WEIGHTS_FLAGS]
+    cases += [(MATRYOSHKA_HEAVIEST, dtype) for dtype in ("fp16", "fp32")]
+    for (row_terms, col_terms, positive, exclude), dtype in cases:
+        constexprs = {
+            "ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude,
+            "ROW_FIELDS": matryoshka.ROW_FIELDS, "COL_FIELDS": matryoshka.COL_FIELDS,
+            "BLOCK_R": config.block_rows, "BLOCK_C": config.block_cols,
+        }  # fmt: skip
+        label, source, signature, constexprs, attrs, options = make_case(
+            "simcse_fast.similarity.matryoshka", "_matryoshka_weights_kernel",
+            {"w_ptr": dtype, "labels_ptr": "i64"}, constexprs, config.num_warps,
+            aligned=True, int64_strides=False, num_stages=config.num_stages,
+        )  # fmt: skip
+        # The columns (keys) are a multiple of 16 at the usual batch sizes, which Triton
+        # specializes at run time: the column mask is then uniform over a vector.
+        attrs[(list(signature).index("n_cols"),)] = [["tt.divisibility", 16]]
+        yield (f"{label} tile={config.name}", source, signature, constexprs, attrs, options)
+
+
+CASES = {"pooling": pooling_cases, "similarity": similarity_cases, "matryoshka": matryoshka_cases}
 
 if __name__ == "__main__":
     cases = [case for name in sys.argv[1:] for case in CASES[name]()]

@@ -173,3 +173,25 @@ def test_similarity_occupancy_table_matches_the_compiled_kernels(similarity_resu
         plain = "'EXCLUDE': 2" not in case and "'HARDNESS': 0, 'GUIDED': 0" in case
         if case.split("tile=")[1] in ("128x64", "128x64/cols") and plain:
             assert _ctas_per_sm(result) >= 2, result
+
+
+@pytest.fixture(scope="module")
+def matryoshka_results() -> list[dict]:
+    return compile_family("matryoshka")
+
+
+def test_matryoshka_kernel_compiles_for_sm90_without_spills(matryoshka_results):
+    """The Matryoshka weights kernel: every flag set (7, What in bf16) and the heaviest in fp16
+    and fp32, no spills, no dot (cuBLAS did the products), its chunks read into registers, and
+    the occupancy its table states (``MATRYOSHKA_CTAS_PER_SM``, one CTA of tolerance)."""
+    from simcse_fast.similarity.matryoshka import MATRYOSHKA_CTAS_PER_SM
+
+    assert len(matryoshka_results) == 7 + 2
+    spilled = [r["case"] for r in matryoshka_results if r["local"] > 0 or r["stack"] > 0]
+    assert not spilled, f"register spills (stack or local memory) in: {spilled}"
+    for result in matryoshka_results:
+        assert 0 < result["reg"] <= 255 and not result["wgmma"], result
+        assert result["dynamic_shared"] <= 4 * 1024, result
+        assert result["vector_loads"], result["case"]
+    fewest = min(_ctas_per_sm(r) for r in matryoshka_results if "w_ptr=bf16" in r["case"])
+    assert abs(MATRYOSHKA_CTAS_PER_SM["bf16"] - fewest) <= 1, fewest

@@ -428,3 +428,19 @@ def test_select_builds_and_runs_only_the_implementations_named(monkeypatch, no_c
     assert {row["impl"] for row in document["rows"]} == {"reference (eager)"} and saved == [3]
     assert "sentence-transformers MNRL" not in document["missing_peers"]
     assert "dispatch_overhead_us" not in document
+
+
+def test_recipes_time_hardness_and_gist_beside_sentence_transformers(no_ceiling_runs, generator):
+    """The recipes family (on request): each op's fused loss beside sentence-transformers' class,
+    the same value."""
+    pytest.importorskip("sentence_transformers")
+    device = bench.Device(torch.device("cpu"))
+    for op in ("mnrl_hardness", "gist"):
+        cases, missing = bench.build_recipes(op, (24, 16), torch.float32, device, False)
+        if op == "mnrl_hardness" and "sentence-transformers MNRL" in missing:
+            assert "hardness_mode" in missing["sentence-transformers MNRL"]
+            continue
+        ours, theirs = cases
+        inputs = ours.make_inputs()
+        torch.testing.assert_close(ours.run(*inputs), theirs.run(*inputs), rtol=1e-5, atol=1e-5)
+    assert "recipes" not in bench.DEFAULT_FAMILIES

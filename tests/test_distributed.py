@@ -25,6 +25,8 @@ CASES = {
     "symmetric": (5, {"symmetric": True}),
     "symmetric-hard-negatives": (7, {"symmetric": True}),
     "per-anchor": (6, {"reduction": "none"}),
+    "matryoshka": (8, {"matryoshka_dims": [12, 5, 8], "matryoshka_weights": [1.0, 2.0, 0.5]}),
+    "matryoshka-symmetric": (7, {"symmetric": True, "matryoshka_dims": [3, 12]}),
 }
 
 

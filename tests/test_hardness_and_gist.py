@@ -6,6 +6,7 @@ rule."""
 
 from __future__ import annotations
 
+import copy
 import inspect
 import sys
 import warnings
@@ -29,7 +30,7 @@ from test_sentence_transformers import (
 
 from simcse_fast.sentence_transformers import losses, models
 from simcse_fast.sentence_transformers._compat import st_losses
-from simcse_fast.similarity import select
+from simcse_fast.similarity import numerics, select
 
 HAS_HARDNESS = (
     "hardness_mode" in inspect.signature(st_losses.MultipleNegativesRankingLoss.__init__).parameters
@@ -135,6 +136,23 @@ def test_gathered_hardness_matches_sentence_transformers(mode, generator, monkey
     assert_same(ours, theirs, f"gathered {mode}")
 
 
+@needs_hardness
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+@pytest.mark.parametrize("gathered", [False, True], ids=["local", "gathered"])
+def test_hardness_in_row_chunks_matches_sentence_transformers(mode, gathered, generator, monkeypatch):
+    """A 1 KiB budget: rows in chunks of a few, so chunks start past a query's own documents (the
+    hardness masks are sparse per chunk); 37 rows and two hard negatives, every direction."""
+    monkeypatch.setenv(numerics.CHUNK_ENV_VAR, str(1 / 1024))
+    if gathered:
+        as_rank_one_of_three(monkeypatch, st_losses.MultipleNegativesRankingLoss)
+    columns = random_columns(4, generator, batch=37)
+    kwargs = {"hardness_mode": mode, "hardness_strength": 5.0, "gather_across_devices": gathered}
+    kwargs["directions"] = DIRECTION_PAIR if gathered else OPTION_CASES[-1]["directions"]
+    ours = loss_and_grads(losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    theirs = loss_and_grads(st_losses.MultipleNegativesRankingLoss(COLUMNS, **kwargs), columns)
+    assert_same(ours, theirs, f"chunked {mode}")
+
+
 HALF_CASES = [("torch", torch.bfloat16, 1.0), ("torch", torch.float16, 2.0**14)]
 if "triton" in cpu_backends():
     HALF_CASES.append(("triton", torch.float16, 2.0**14))
@@ -191,6 +209,33 @@ def guide_model(tiny_bert_dir):
     return guide
 
 
+def assert_parameter_grads_close(ours: dict, theirs: dict, truth: dict) -> None:
+    """Each parameter's gradient from our loss within twice the error of sentence-transformers'
+    fp32 gradient against the float64 truth, plus an atol of 1e-4 of the gradient's largest
+    magnitude (at least 1). The embeddings' gradients meet the row-by-row rule with fp32's atol
+    of 1e-5 (the cached and half-precision tests); backpropagated through the encoder, GIST's
+    scale of 100 and sums over every token take both fp32 computations a few times further,
+    and the key bias's true gradient is zero (softmax ignores it), so its error is absolute.
+    Where identical texts tie the guide's threshold, fp32 and float64 may mask differently:
+    both fp32 computations then stand equally far from the truth."""
+    assert ours.keys() == theirs.keys() == truth.keys() and len(ours) > 10
+    for name, exact in truth.items():
+        our_error = (ours[name].double() - exact).abs().max().item()
+        their_error = (theirs[name].double() - exact).abs().max().item()
+        atol = 1e-4 * max(1.0, exact.abs().max().item())
+        assert our_error <= 2 * their_error + atol, (
+            f"{name}: error {our_error:.2e} against float64, sentence-transformers' {their_error:.2e}"
+        )
+
+
+def float64_parameter_grads(build_loss, model, guide, columns):
+    """The gradients of ``build_loss(model, guide)`` (sentence-transformers' classes) with both
+    models in float64: the truth both fp32 computations are judged against."""
+    model64 = copy.deepcopy(model).double()
+    guide64 = copy.deepcopy(guide).double() if guide is not None else None
+    return gist_parameter_grads(model64, build_loss(model64, guide64), columns)
+
+
 def gist_parameter_grads(model, loss, columns):
     model.zero_grad()
     value = loss([tokenize(model, column) for column in columns], torch.empty(0))
@@ -221,10 +266,11 @@ def test_gist_matches_sentence_transformers(options, columns, tiny_bert_dir, gui
         warnings.simplefilter("error")
         ours = gist_parameter_grads(model, losses.GISTEmbedLoss(model, guide_model, **options), texts)
     theirs = gist_parameter_grads(model, st_losses.GISTEmbedLoss(model, guide_model, **options), texts)
+    truth = float64_parameter_grads(
+        lambda m, g: st_losses.GISTEmbedLoss(m, g, **options), model, guide_model, texts
+    )
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    assert ours[1].keys() == theirs[1].keys() and len(ours[1]) > 10
-    for name in ours[1]:
-        torch.testing.assert_close(ours[1][name], theirs[1][name], rtol=1e-4, atol=1e-5, msg=name)
+    assert_parameter_grads_close(ours[1], theirs[1], truth[1])
 
 
 def gist_reps(generator, n_columns=3, batch=6, dim=16, guide_dim=12):
@@ -370,3 +416,81 @@ def test_gathered_across_gloo_ranks_matches_sentence_transformers(tiny_bert_dir,
         results = torch.load(tmp_path / f"rank{rank}.pt")
         for name in ("hardness", "gist"):
             assert_same(results[name, "ours"], results[name, "theirs"], f"rank {rank} {name}")
+
+
+@needs_hardness
+def test_matryoshka_over_hardness_matches_sentence_transformers(tiny_bert_dir, generator):
+    """The MatryoshkaLoss drop-in over hardness-weighted MNRL (a fused loss per dimension: the
+    one-pass op takes no hardness) against sentence-transformers' classes."""
+    model = make_model(tiny_bert_dir, models.Pooling)
+    texts = GIST_COLUMNS["triplets"]
+    kwargs = {"hardness_mode": "all_negatives", "hardness_strength": 5.0}
+    results = []
+    for module in (losses, st_losses):
+        loss = module.MatryoshkaLoss(model, module.MultipleNegativesRankingLoss(model, **kwargs), [32, 16, 8])
+        results.append(gist_parameter_grads(model, loss, texts))
+
+    def their_loss(model64, _):
+        inner = st_losses.MultipleNegativesRankingLoss(model64, **kwargs)
+        return st_losses.MatryoshkaLoss(model64, inner, [32, 16, 8])
+
+    truth = float64_parameter_grads(their_loss, model, None, texts)
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert_parameter_grads_close(results[0][1], results[1][1], truth[1])
+
+
+def st_gist_overwrites_features(model, guide, texts) -> bool:
+    """Whether sentence-transformers' GISTEmbedLoss runs the guide on the model's own feature
+    dicts (releases before the shallow copies), leaving the guide's embedding where its
+    MatryoshkaLoss reads the model's for every dimension after the first."""
+    features = [tokenize(model, column) for column in texts]
+    with torch.no_grad():
+        st_losses.GISTEmbedLoss(model, guide)(features, torch.empty(0))
+        guide_embedding = guide(tokenize(guide, texts[0]))["sentence_embedding"]
+    left = features[0].get("sentence_embedding")
+    return left is not None and torch.equal(left, guide_embedding)
+
+
+def test_matryoshka_over_gist_matches_sentence_transformers(tiny_bert_dir, guide_model):
+    model = make_model(tiny_bert_dir, models.Pooling)
+    texts = GIST_COLUMNS["pairs"]
+    if st_gist_overwrites_features(model, guide_model, texts):
+        pytest.skip(
+            "this sentence-transformers' GISTEmbedLoss writes the guide's embeddings into the "
+            "model's features: its MatryoshkaLoss scores the guide's after the first dimension"
+        )
+    results = []
+    for module in (losses, st_losses):
+        loss = module.MatryoshkaLoss(model, module.GISTEmbedLoss(model, guide_model), [32, 16])
+        results.append(gist_parameter_grads(model, loss, texts))
+    truth = float64_parameter_grads(
+        lambda m, g: st_losses.MatryoshkaLoss(m, st_losses.GISTEmbedLoss(m, g), [32, 16]),
+        model,
+        guide_model,
+        texts,
+    )
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
+    assert_parameter_grads_close(results[0][1], results[1][1], truth[1])
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["mnrl", "cached"])
+def test_matryoshka_over_a_float64_model_matches_sentence_transformers(cached, tiny_bert_dir):
+    """float64 embeddings take sentence-transformers' computation inside the fused MatryoshkaLoss
+    too: once per dimension it was handed, the same loss and gradients."""
+    model = make_model(tiny_bert_dir, models.Pooling).double()
+    texts = GIST_COLUMNS["triplets"]
+    results = []
+    for module in (losses, st_losses):
+        inner = (
+            module.CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+            if cached
+            else module.MultipleNegativesRankingLoss(model)
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the one fallback warning
+            results.append(
+                gist_parameter_grads(model, module.MatryoshkaLoss(model, inner, [32, 16, 8]), texts)
+            )
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-10, atol=1e-10)
+    for name in results[1][1]:
+        torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-8, atol=1e-10, msg=name)

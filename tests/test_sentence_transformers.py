@@ -172,6 +172,7 @@ FUSED_NAMES = {
         "CachedMultipleNegativesRankingLoss",
         "GISTEmbedLoss",
         "CachedGISTEmbedLoss",
+        "MatryoshkaLoss",
     ),
 }
 THEIR_PATHS = {

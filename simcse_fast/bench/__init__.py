@@ -1,7 +1,8 @@
 """The benchmark harness behind ``simcse-fast bench``.
 
 For each op (padded pooling ``masked_mean_pool`` / ``masked_max_pool``, packed pooling
-``packed_mean_pool`` / ``packed_max_pool``, the loss ``info_nce``), shape and implementation —
+``packed_mean_pool`` / ``packed_max_pool``, the loss ``info_nce``; on request the recipes
+``mnrl_hardness`` and ``gist`` beside sentence-transformers' classes), shape and implementation —
 every simcse_fast backend that runs on the device (for the loss, every loss strategy, pinned,
 and the one ``"auto"`` picks) and the peers a user would pick instead (the eager reference,
 ``torch.compile`` of it, PyTorch's chunked ``F.linear_cross_entropy``, sentence-transformers,
@@ -33,6 +34,7 @@ import torch
 
 from .. import similarity
 from .cases import (
+    DEFAULT_FAMILIES,
     DISPATCH_SHAPE,
     FAMILIES,
     FAMILY_OF,
@@ -43,6 +45,7 @@ from .cases import (
     build_loss,
     build_packed,
     build_pooling,
+    build_recipes,
     dispatch_calls,
     loss_flops,
     packed_pooling_bytes,
@@ -63,6 +66,7 @@ from .timing import (
 
 __all__ = [
     "BUSY_SPREAD",
+    "DEFAULT_FAMILIES",
     "DISPATCH_SHAPE",
     "MEASUREMENT",
     "OPS",
@@ -73,6 +77,7 @@ __all__ = [
     "build_loss",
     "build_packed",
     "build_pooling",
+    "build_recipes",
     "busy_warnings",
     "case_rows",
     "environment",
@@ -211,7 +216,7 @@ def case_rows(case: Case, device: Device, dtype, min_repeats: int, budget_gb, ce
 
 
 def run_benchmark(
-    ops=tuple(OPS),
+    ops=DEFAULT_FAMILIES,
     preset: str = "default",
     sizes: dict | None = None,
     dtype: torch.dtype | None = None,

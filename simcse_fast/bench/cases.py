@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -29,11 +30,13 @@ PRESETS = {
             "pooling": [(32, 128, 384)],
             "loss": [(512, 64), (1024, 64), (2048, 64), (4096, 64)],
             "packed": [(512, 32, 128)],
+            "recipes": [(512, 64)],
         },
         "cuda": {
             "pooling": [(64, 128, 768), (256, 512, 1024)],
             "loss": [(512, 768), (4096, 768), (32768, 768)],
             "packed": [(512, 32, 768), (256, 512, 1024)],
+            "recipes": [(4096, 768)],
         },
     },
     "default": {
@@ -41,11 +44,13 @@ PRESETS = {
             "pooling": [(32, 128, 384), (64, 256, 768)],
             "loss": [(512, 384), (2048, 768)],
             "packed": [(512, 32, 768)],
+            "recipes": [(1024, 128), (4096, 768)],
         },
         "cuda": {
             "pooling": [(64, 128, 768), (128, 256, 1024), (256, 512, 1024)],
             "loss": [(n, d) for d in (384, 768, 1024) for n in (512, 4096, 32768)],
             "packed": [(512, 32, 768), (256, 512, 1024)],
+            "recipes": [(4096, 768), (32768, 768)],
         },
     },
     "full": {
@@ -53,6 +58,7 @@ PRESETS = {
             "pooling": [(32, 128, 384), (64, 256, 768), (128, 512, 1024)],
             "loss": [(n, d) for d in (384, 768) for n in (512, 2048, 8192)],
             "packed": [(512, 32, 768), (128, 512, 1024)],
+            "recipes": [(1024, 128), (4096, 768), (8192, 768)],
         },
         "cuda": {
             "pooling": [
@@ -64,6 +70,7 @@ PRESETS = {
             ],
             "loss": [(512 * 2**k, d) for d in (384, 768, 1024) for k in range(12)],
             "packed": [(512, 32, 768), (256, 512, 1024), (1024, 512, 1024)],
+            "recipes": [(4096, 768), (32768, 768), (65536, 768)],
         },
     },
 }
@@ -404,6 +411,90 @@ def _inf_cl_case(shape_dict: dict, make_pair, device: Device, matrix_need: int):
     return Case("info_nce", "inf_cl", shape_dict, make_pair, inf_cl_info_nce), None
 
 
+HARDNESS = {"hardness_mode": "all_negatives", "hardness_strength": 5.0}
+"""The hardness case: EmbeddingGemma's strength on every negative, a hard negative per query."""
+
+GIST_TEMPERATURE = 0.01
+"""sentence-transformers' default GIST temperature (scale 100: the running-maximum path)."""
+
+
+def build_recipes(op: str, shape: tuple, dtype: torch.dtype, device: Device, compile_peers: bool, *,
+                  wanted: Callable[[str], bool] | None = None):  # fmt: skip
+    """The losses trainers combine with in-batch negatives, N queries of dimension D, beside
+    sentence-transformers' own: ``mnrl_hardness`` (MultipleNegativesRankingLoss with a hard
+    negative per query and ``HARDNESS``) and ``gist`` (GISTEmbedLoss's guided negatives with a
+    guide of dimension D / 2, the anchor-anchor and positive-positive blocks; the peer is
+    CachedGISTEmbedLoss's loss stage in one mini-batch, GISTEmbedLoss's computation). The peer is
+    imported only where ``wanted`` (an implementation-name filter) lets it run."""
+    n, d = shape
+    inputs = _Inputs(device, dtype)
+    if op == "mnrl_hardness":
+        shape_dict, peer = {"N": n, "M": 2 * n, "D": d}, "sentence-transformers MNRL"
+
+        def make_inputs():
+            return [inputs.randn(n, d).requires_grad_() for _ in range(3)]
+
+        def fused(queries, positives, negatives):
+            docs = torch.cat([positives, negatives])
+            return functional.in_batch_negatives_loss(queries, docs, n_local=n, **HARDNESS).mean()
+
+    else:
+        shape_dict, peer, guide_dim = {"N": n, "M": n, "D": d}, "sentence-transformers GIST", max(1, d // 2)
+
+        def make_inputs():
+            return [inputs.randn(n, d).requires_grad_(), inputs.randn(n, d).requires_grad_(),
+                    inputs.randn(n, guide_dim), inputs.randn(n, guide_dim)]  # fmt: skip
+
+        def fused(anchors, positives, guide_anchors, guide_positives):
+            return functional.guided_in_batch_negatives_loss(
+                anchors, positives, guide_anchors, guide_positives, n_positives=n, scale=1 / GIST_TEMPERATURE
+            ).mean()
+
+    cases, missing = [Case(op, "simcse_fast", shape_dict, make_inputs, fused)], {}
+    if wanted is not None and not wanted(peer):
+        return cases, missing
+    st_losses, _, reason = _sentence_transformers()
+    if st_losses is not None and op == "mnrl_hardness":
+        if "hardness_mode" not in inspect.signature(st_losses.MultipleNegativesRankingLoss).parameters:
+            st_losses, reason = None, "this sentence-transformers has no hardness_mode (5.3)"
+    if st_losses is None:
+        missing[peer] = reason
+        return cases, missing
+    if op == "mnrl_hardness":
+        mnrl = st_losses.MultipleNegativesRankingLoss(model=None, **HARDNESS)
+
+        def theirs(queries, positives, negatives):
+            return mnrl.compute_loss_from_embeddings([queries, positives, negatives], None)
+
+        need = NM_PEER_BUFFERS * n * 2 * n * 4
+    else:
+        gist = _st_gist_stage(st_losses, n)
+
+        def theirs(anchors, positives, guide_anchors, guide_positives):
+            return gist.calculate_loss([[anchors], [positives]], [[guide_anchors], [guide_positives]])
+
+        # Its cosine similarity broadcasts each pair's product vector: (N, N, D) per block.
+        need = 3 * n * n * (d + guide_dim) * 4 + NM_PEER_BUFFERS * 3 * n * n * 4
+    cases.append(Case(op, peer, shape_dict, make_inputs, theirs, need))
+    return cases, missing
+
+
+def _st_gist_stage(st_losses, mini_batch_size: int):
+    """sentence-transformers' CachedGISTEmbedLoss without its models: its ``calculate_loss`` (the
+    loss stage, GISTEmbedLoss's computation on one mini-batch) reads only these attributes."""
+    loss = st_losses.CachedGISTEmbedLoss.__new__(st_losses.CachedGISTEmbedLoss)
+    torch.nn.Module.__init__(loss)
+    settings = {
+        "temperature": GIST_TEMPERATURE, "mini_batch_size": mini_batch_size, "show_progress_bar": False,
+        "margin_strategy": "absolute", "margin": 0.0, "contrast_anchors": True, "contrast_positives": True,
+        "gather_across_devices": False, "similarity_fct": torch.nn.CosineSimilarity(dim=-1),
+        "cross_entropy_loss": torch.nn.CrossEntropyLoss(),
+    }  # fmt: skip
+    for name, value in settings.items():
+        setattr(loss, name, value)
+    return loss
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """One op family: its ops, how to build their cases at a shape, and its work model:
@@ -431,12 +522,22 @@ def _loss_work(shape: dict, element_size: int) -> dict:
     return loss_flops(shape["N"], shape["M"], shape["D"])
 
 
+def _recipes_work(shape: dict, element_size: int) -> dict:
+    """``loss_flops`` of the query-document products (the guide's and the same-type blocks are
+    not counted)."""
+    return loss_flops(shape["N"], shape["M"], shape["D"])
+
+
 FAMILIES = {
     "pooling": Family(("masked_mean_pool", "masked_max_pool"), build_pooling, "gbps", _pooling_work),
     "loss": Family(("info_nce",), build_loss, "tflops", _loss_work),
     "packed": Family(("packed_mean_pool", "packed_max_pool"), build_packed, "gbps", _packed_work),
+    "recipes": Family(("mnrl_hardness", "gist"), build_recipes, "tflops", _recipes_work),
 }
 OPS = {name: family.ops for name, family in FAMILIES.items()}
+DEFAULT_FAMILIES = ("pooling", "loss", "packed")
+"""What a run measures unless told: the recipes (``--ops recipes``) take longer, their peers
+build the N x N matrices several times over."""
 FAMILY_OF = {op: family for family in FAMILIES.values() for op in family.ops}
 
 

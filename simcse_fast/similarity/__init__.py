@@ -78,8 +78,9 @@ PyTorch keeps its logits).
 
 Layout of the package: ``numerics`` (what every strategy shares), ``kernels`` (the Triton
 kernels, their tiles and grids), one module per strategy, ``op`` (the ``torch.library`` custom
-ops over them), ``select`` (which strategy runs). ``LOSS_BACKENDS`` and ``LOSS_STRATEGIES`` below
-declare, once, what each backend and strategy supports.
+ops over them), ``select`` (which strategy runs), ``matryoshka`` (the loss at several prefix
+dimensions in one pass: its kernel, strategies and ops). ``LOSS_BACKENDS`` and
+``LOSS_STRATEGIES`` below declare, once, what each backend and strategy supports.
 
 Offsets into the inputs are int64 (N * D passes 2**31 at N = 4M, D = 768).
 """
@@ -89,6 +90,8 @@ from __future__ import annotations
 import torch
 
 from .kernels import CTAS_PER_SM, FUSED_CONFIGS, PASS_CONFIGS, TileConfig
+from .matryoshka import implementation_for as matryoshka_implementation
+from .matryoshka import matryoshka_budget, matryoshka_loss_backward_op, matryoshka_loss_op
 from .numerics import DIRECTIONS, HARDNESS_MODES, NORM_EPS, inverse_norms, memory_budget
 from .op import PLAIN, LossOptions, contrastive_loss_backward_op, contrastive_loss_op
 from .select import (
@@ -129,6 +132,10 @@ __all__ = [
     "contrastive_loss_op",
     "inverse_norms",
     "loss_strategies",
+    "matryoshka_budget",
+    "matryoshka_implementation",
+    "matryoshka_loss_backward_op",
+    "matryoshka_loss_op",
     "memory_budget",
     "pinned_strategy",
     "strategy_choices",

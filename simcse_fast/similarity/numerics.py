@@ -5,10 +5,12 @@ geometry, the forward's statistics, and how the gradient weights ``W`` are forme
 from __future__ import annotations
 
 import functools
+import math
 import os
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 NORM_EPS = 1e-12
@@ -280,6 +282,26 @@ def positive_slots(chosen) -> int:
     return sum(direction.has_positive for direction in chosen)
 
 
+def row_loss(lse: Tensor, negative_lse: Tensor, chosen, positive_logits: Tensor | None, joint) -> Tensor:
+    """Per-row loss ``(n,)`` from the forward's statistics: ``log_z_i - logit_positive`` (no
+    positive: ``log_z_i``), joint (``log_z`` the log-sum-exp over the directions) or per
+    direction (their mean). With a positive, ``log(1 + exp(y))`` of the log-sum-exp of the other
+    terms keeps the relative accuracy of a small loss, where ``log_z - logit`` would lose it to
+    the cancellation of two numbers near ``|s|``."""
+    if positive_logits is None:
+        return torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
+    negatives = negatives_lse(lse, negative_lse, chosen)
+    if joint:
+        # logaddexp(excess, log slots), with the constant as a Python number: no host-to-device copy.
+        log_slots = math.log(positive_slots(chosen))
+        return log_slots + F.softplus(torch.logsumexp(negatives, dim=0) - positive_logits - log_slots)
+    per_direction = [
+        F.softplus(negatives[k] - positive_logits) if direction.has_positive else lse[k] - positive_logits
+        for k, direction in enumerate(chosen)
+    ]
+    return torch.stack(per_direction).mean(dim=0)
+
+
 def complement(lse, negative_lse, chosen, joint) -> Tensor:
     """Per row, the probability outside the positive's terms, from the forward's sums without
     them (no ``1 - P`` cancellation). Joint: ``1 - slots P`` of the one softmax; per direction:
@@ -306,24 +328,34 @@ def positive_values(complement_, chosen, scaled_grad, joint) -> Tensor:
     return -(scaled_grad / n) * complement_ - scaled_grad * (1 - positive_slots(chosen) / n)
 
 
-def weight_scale(complement_, chosen, grad, joint) -> Tensor:
-    """A power of two (0-dim fp32 tensor) that brings the largest entry of ``W`` near 2**15:
-    half-precision weights then keep the 30 binades of fp16's normal range below it, whatever
-    the loss scale. Bound per row: ``|W_ij| <= sum over its softmaxes of |w| (1 - P_positive)``
-    (``1`` for a softmax without a positive) plus ``|W_positive|``; an entry carries a row
-    softmax and at most one column softmax, so ``|W| <= 2 max_i bound_i``."""
+def weight_bound(complement_, chosen, grad, joint) -> Tensor:
+    """A bound (0-dim fp32 tensor) on the largest entry of ``W``, from the forward's O(N)
+    statistics. Per row: ``|W_ij| <= sum over its softmaxes of |w| (1 - P_positive)`` (``1`` for
+    a softmax without a positive) plus ``|W_positive|``; an entry carries a row softmax and at
+    most one column softmax, so ``|W| <= 2 max_i bound_i``."""
     if grad.numel() == 0:
-        return grad.new_ones(())
+        return grad.new_zeros(())
     magnitude = grad.abs()
     n = len(chosen)
     if joint:
         bound = magnitude * n * complement_
     else:
         bound = magnitude / n * (complement_ + (n - positive_slots(chosen)))
-    largest = (bound + magnitude * 2).amax()
+    return (bound + magnitude * 2).amax()
+
+
+def power_of_two_scale(largest: Tensor) -> Tensor:
+    """The power of two (0-dim fp32 tensor) that brings ``largest`` near 2**15: half-precision
+    weights then keep the 30 binades of fp16's normal range below it, whatever the loss scale. A
+    zero or non-finite ``largest`` (zero upstream gradient; NaN in, NaN out) gives 1."""
     exponent = torch.floor(torch.log2(2.0**14 / largest)).clamp(-126.0, 126.0)
-    # A zero or non-finite bound (zero upstream gradient; NaN in, NaN out) keeps scale 1.
     return torch.where(largest.isfinite() & (largest > 0), torch.exp2(exponent), torch.ones_like(largest))
+
+
+def weight_scale(complement_, chosen, grad, joint) -> Tensor:
+    """The power of two that brings the largest entry of ``W`` near 2**15
+    (:func:`power_of_two_scale` of :func:`weight_bound`)."""
+    return power_of_two_scale(weight_bound(complement_, chosen, grad, joint))
 
 
 @dataclass

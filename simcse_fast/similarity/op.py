@@ -5,11 +5,9 @@ copies host data to the device: a step that calls them can be captured in a CUDA
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import fused, gemm, torch_path
@@ -23,9 +21,9 @@ from .numerics import (
     complement,
     direction_geometry,
     directions,
-    negatives_lse,
     pair_cosines,
     positive_slots,
+    row_loss,
     split_stats,
     weight_scale,
 )
@@ -97,6 +95,11 @@ class LossOptions:
     margin: float = 0.0
     relative_margin: bool = False
 
+    @property
+    def adjusts_logits(self) -> bool:
+        """Whether hardness weighting or a guide changes the logits of a row softmax."""
+        return self.hardness > 0 or self.guide_queries is not None
+
     def op_args(self, n_queries: int) -> tuple:
         """The trailing arguments of :func:`contrastive_loss_op` for ``n_queries`` queries."""
         doc_block = n_queries if self.doc_block is None else self.doc_block
@@ -157,24 +160,8 @@ def contrastive_loss_op(
             negative_lses.append(negative_lse)
     lse = torch.stack(lses)
     stats = torch.cat([lse, torch.stack(negative_lses)]) if negative_lses else lse
-    if not with_positive:
-        loss = torch.logsumexp(lse, dim=0) if joint else lse.mean(dim=0)
-        return loss, stats, kept
-    # loss_i = log_z_i - l_ii from the log-sum-exp of the terms other than the positive's:
-    # log(1 + exp(y)) keeps the relative accuracy of a small loss, where log_z - l_ii would lose
-    # it to the cancellation of two numbers near |s|. (The positive is never hardness-weighted.)
-    positive_logits = scale32 * pair_cosines(q, d, n_local, labels)
-    negatives = negatives_lse(lse, split_stats(stats, chosen)[1], chosen)
-    if joint:
-        # logaddexp(excess, log slots), with the constant as a Python number: no host-to-device copy.
-        log_slots = math.log(positive_slots(chosen))
-        loss = log_slots + F.softplus(torch.logsumexp(negatives, dim=0) - positive_logits - log_slots)
-    else:
-        per_direction = [
-            F.softplus(negatives[k] - positive_logits) if direction.has_positive else lse[k] - positive_logits
-            for k, direction in enumerate(chosen)
-        ]
-        loss = torch.stack(per_direction).mean(dim=0)
+    positive_logits = scale32 * pair_cosines(q, d, n_local, labels) if with_positive else None
+    loss = row_loss(lse, split_stats(stats, chosen)[1], chosen, positive_logits, joint)
     return loss, stats, kept
 
 

@@ -31,26 +31,40 @@ def adjust(logits: Tensor, cos: Tensor, row_slice: slice, adjusted: Adjustment, 
     """``_adjusted_row_logits`` in PyTorch ops, in place on ``logits`` (rows ``row_slice`` of the
     loss, columns ``0..``); ``positive``: each row's positive column ``(rows, 1)``, which a guided
     query_to_doc keeps."""
-    n_cols = logits.shape[1]
-    cols = torch.arange(n_cols, device=logits.device)
-    global_rows = torch.arange(row_slice.start, row_slice.stop, device=logits.device)
-    rows = global_rows[:, None]
     if adjusted.hardness:
-        own = (cols % adjusted.own_period)[None, :] == rows
-        if adjusted.hardness == 1:
-            selected = ~own
-        elif adjusted.hardness == 2:
-            selected = own & (cols >= adjusted.own_period)[None, :]
-        else:
-            selected = cols[None, :] != rows
-        logits.add_(torch.where(selected, cos * adjusted.hardness_strength, 0.0))
+        _add_hardness(logits, cos, row_slice.start, adjusted)
     if adjusted.guided:
-        guide = cosines(adjusted.guide_rows, row_slice, adjusted.guide_cols, n_cols)
+        guide = cosines(adjusted.guide_rows, row_slice, adjusted.guide_cols, logits.shape[1])
         masked = guide > adjusted.threshold[row_slice, None]
         if adjusted.guided == 1:
             masked.scatter_(1, positive, False)
         logits.masked_fill_(masked, float("-inf"))
     return logits
+
+
+def _add_hardness(logits: Tensor, cos: Tensor, first_row: int, adjusted: Adjustment) -> None:
+    """``logits += strength * cos`` on the hardness-selected columns of rows ``first_row..``.
+    The columns a mode leaves out (HARDNESS 1: a row's own columns ``r + k P``; 3: column ``r``)
+    and the ones mode 2 selects (own columns past the first block) are a few per row, and only
+    rows ``r < P`` have them: they are gathered and scattered instead of masking all N x M."""
+    n_rows, n_cols = logits.shape
+    period = max(1, adjusted.own_period if adjusted.hardness != 3 else n_cols)
+    n_own = max(0, min(first_row + n_rows, period, n_cols) - first_row)
+    own_rows = torch.arange(first_row, first_row + n_own, device=logits.device)[:, None]
+    first_block = 1 if adjusted.hardness == 2 else 0
+    blocks = torch.arange(first_block, max(first_block, -(-n_cols // period)), device=logits.device)
+    own = own_rows + period * blocks[None, :]
+    in_range = own < n_cols
+    # Out-of-range entries point at the row's column r and carry its value unchanged: a
+    # duplicate index then writes what is already there.
+    own = torch.where(in_range, own, own_rows)
+    kept = logits[:n_own].gather(1, own)
+    if adjusted.hardness == 2:
+        hardness = cos[:n_own].gather(1, own) * adjusted.hardness_strength
+        logits[:n_own].scatter_(1, own, kept + torch.where(in_range, hardness, 0.0))
+        return
+    logits.add_(cos * adjusted.hardness_strength)
+    logits[:n_own].scatter_(1, own, kept)
 
 
 def row_lse(
