@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from inputs import assert_within_eager, cpu_backends, random_embeddings
 from loss_checks import FORWARD_TOLERANCE, GRADIENT_TOLERANCE, assert_close_scaled
-from test_loss_strategies import OP_MODES, HostSyncDetector, _CheckedKernel, _GuardRecorder
+from syncs import HostSyncDetector
+from test_loss_strategies import OP_MODES, _CheckedKernel, _GuardRecorder
 
 import simcse_fast as sf
 from simcse_fast import functional, reference
