@@ -18,6 +18,18 @@ TOLERANCES = {
 }
 
 
+def training_config(model_dir, sentences, output, **settings):
+    """A ``TrainingConfig`` for a test model on CPU without a progress bar: batches of 4 at
+    lr 1e-3; ``settings`` add to these or replace them."""
+    from simcse_fast import training
+
+    options = {
+        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
+        "lr": 1e-3, "device": "cpu", "show_progress_bar": False,
+    }  # fmt: skip
+    return training.TrainingConfig(**{**options, **settings})
+
+
 def cpu_backends() -> list[str]:
     """Backends that run on CPU tensors in this process: Triton only under the interpreter."""
     return ["torch", "triton"] if triton_support.TRITON_INTERPRETER else ["torch"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from inputs import SENTENCES, model_weights, stop_after_checkpoint
+from inputs import SENTENCES, model_weights, stop_after_checkpoint, training_config
 
 import simcse_fast as sf
 from simcse_fast import batching, training
@@ -19,14 +19,7 @@ from simcse_fast import batching, training
 pytest.importorskip("transformers")
 
 
-def config(model_dir, sentences, output, **overrides):
-    options = {
-        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
-        "max_seq_length": 16, "max_steps": 3, "checkpoint_steps": 2, "lr": 1e-3, "device": "cpu",
-        "show_progress_bar": False, "mlp_head": True,
-    }  # fmt: skip
-    options.update(overrides)
-    return training.TrainingConfig(**options)
+config = functools.partial(training_config, max_seq_length=16, max_steps=3, checkpoint_steps=2, mlp_head=True)
 
 
 @pytest.mark.parametrize("mini_batch_size", [1, 3, 8, 13], ids=lambda m: f"m={m}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import zlib
@@ -12,7 +13,7 @@ from typing import ClassVar
 import numpy as np
 import pytest
 import torch
-from inputs import SENTENCES, stop_after_checkpoint
+from inputs import SENTENCES, stop_after_checkpoint, training_config
 
 import simcse_fast as sf
 from simcse_fast import cli, evaluation, training
@@ -83,14 +84,9 @@ def test_saved_folder_loads_in_sentence_transformers_and_simcse(tiny_bert_dir, t
     np.testing.assert_allclose(reloaded.encode(SENTENCES), embeddings, rtol=1e-6, atol=1e-6)
 
 
-def train_config(tiny_bert_dir, sentences_file, output, **overrides):
-    options = {
-        "sentences": str(sentences_file), "output": str(output), "model": str(tiny_bert_dir), "batch_size": 4,
-        "max_seq_length": 16, "max_steps": 6, "epochs": 2, "checkpoint_steps": 2, "lr": 1e-3,
-        "device": "cpu", "show_progress_bar": False, "mlp_head": True,
-    }  # fmt: skip
-    options.update(overrides)
-    return training.TrainingConfig(**options)
+train_config = functools.partial(
+    training_config, max_seq_length=16, max_steps=6, epochs=2, checkpoint_steps=2, mlp_head=True
+)
 
 
 def final_weights(folder) -> dict:

@@ -6,6 +6,7 @@ speed in the bar and the summary."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import threading
@@ -13,7 +14,7 @@ import threading
 import pytest
 import torch
 import torch.nn.functional as F
-from inputs import SENTENCES, model_weights, stop_after_checkpoint
+from inputs import SENTENCES, model_weights, stop_after_checkpoint, training_config
 from syncs import AsyncCopy, HostSyncRecorder, Sync
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -25,14 +26,7 @@ transformers = pytest.importorskip("transformers")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-def config(model_dir, sentences, output, **overrides):
-    options = {
-        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
-        "max_seq_length": 16, "max_steps": 4, "checkpoint_steps": 4, "lr": 1e-3, "device": "cpu",
-        "show_progress_bar": False, "mlp_head": True,
-    }  # fmt: skip
-    options.update(overrides)
-    return training.TrainingConfig(**options)
+config = functools.partial(training_config, max_seq_length=16, max_steps=4, checkpoint_steps=4, mlp_head=True)
 
 
 # The order of batches.

@@ -5,6 +5,7 @@ a step boundary with a checkpoint, safe checkpoint loading, clear messages."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import time
 
 import pytest
 import torch
-from inputs import SENTENCES, model_weights
+from inputs import SENTENCES, model_weights, training_config
 
 import simcse_fast as sf
 from simcse_fast import cli, evaluation, training
@@ -21,13 +22,7 @@ from simcse_fast import config as config_module
 transformers = pytest.importorskip("transformers")
 
 
-def config(model_dir, sentences, output, **overrides):
-    options = {
-        "sentences": str(sentences), "output": str(output), "model": str(model_dir), "batch_size": 4,
-        "max_steps": 4, "checkpoint_steps": 2, "lr": 1e-3, "device": "cpu", "show_progress_bar": False,
-    }  # fmt: skip
-    options.update(overrides)
-    return training.TrainingConfig(**options)
+config = functools.partial(training_config, max_steps=4, checkpoint_steps=2)
 
 
 def test_a_new_run_into_another_runs_folder_is_refused(tiny_bert_dir, sixteen_sentences_file, tmp_path):
