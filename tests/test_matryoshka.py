@@ -407,6 +407,11 @@ def test_bad_matryoshka_arguments(dims, weights, error, message):
         functional.in_batch_negatives_loss(
             anchors, candidates[:4], n_local=4, matryoshka_dims=dims, matryoshka_weights=weights
         )
+    with pytest.raises(error, match=message):
+        functional.guided_in_batch_negatives_loss(
+            anchors, candidates[:4], torch.randn(4, 8), torch.randn(4, 8), n_positives=4,
+            matryoshka_dims=dims, matryoshka_weights=weights,
+        )  # fmt: skip
 
 
 def test_any_order_of_dimensions_and_numpy_values_give_the_same_loss(generator):
