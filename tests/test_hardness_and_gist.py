@@ -313,8 +313,6 @@ def test_cached_gist_matches_sentence_transformers(
 ):
     """CachedGISTEmbedLoss's loss stage: precomputed model and guide embeddings, every option,
     several hard negatives, each strategy."""
-    if strategy[0] == "triton" and (options or n_columns == 4):
-        pytest.skip("the interpreter runs two layouts; the torch path covers every one")
     options = gist_options(options)
     model = make_model(tiny_bert_dir, models.Pooling)
     reps, reps_guided = gist_reps(generator, n_columns)
@@ -443,18 +441,36 @@ def strategy_id(strategy) -> str:
     return "-".join(filter(None, strategy))
 
 
-@needs_hardness
-@pytest.mark.parametrize("strategy", MATRYOSHKA_STRATEGIES, indirect=True, ids=strategy_id)
-@pytest.mark.parametrize("mode", HARDNESS_MODES)
-@pytest.mark.parametrize(
-    "options", OPTION_CASES, ids=lambda o: f"{'+'.join(o['directions'])}-{o['partition_mode']}"
+def interpreted_sparingly(cases):
+    """``pytest.param``s of ``(*values, strategy)`` for each case ``(id, values, under the
+    interpreter too)`` and each of ``MATRYOSHKA_STRATEGIES``: the interpreter runs the cases so
+    marked, the torch path every one."""
+    return [
+        pytest.param(*values, strategy, id=f"{case_id}-{strategy_id(strategy)}")
+        for case_id, values, interpreted in cases
+        for strategy in MATRYOSHKA_STRATEGIES
+        if interpreted or strategy[0] != "triton"
+    ]
+
+
+HARDNESS_LAYOUTS = interpreted_sparingly(
+    (
+        f"{'+'.join(o['directions'])}-{o['partition_mode']}",
+        (o,),
+        o["directions"] in (("query_to_doc",), DIRECTION_PAIR),
+    )
+    for o in OPTION_CASES
 )
-def test_matryoshka_over_hardness_matches_sentence_transformers(options, mode, strategy, generator):
+"""Every direction and partition mode; the two main layouts under the interpreter."""
+
+
+@needs_hardness
+@pytest.mark.parametrize("mode", HARDNESS_MODES)
+@pytest.mark.parametrize("options, strategy", HARDNESS_LAYOUTS, indirect=["strategy"])
+def test_matryoshka_over_hardness_matches_sentence_transformers(options, strategy, mode, generator):
     """MatryoshkaLoss over hardness-weighted MNRL: each mode with every direction and partition
     mode; pairs at every dimension, then two hard negatives with weights and two dimensions drawn a
     step. The loss, the gradients and the draw of sentence-transformers' classes."""
-    if strategy[0] == "triton" and options["directions"] not in (("query_to_doc",), DIRECTION_PAIR):
-        pytest.skip("the interpreter runs the two main layouts; the torch path covers every one")
     model = EmbeddingColumns(16)
     kwargs = {**options, "hardness_mode": mode, "hardness_strength": 5.0}
     for seed, (n_columns, arguments) in enumerate(zip((2, 4), MATRYOSHKA_ARGUMENTS, strict=True)):
@@ -548,19 +564,26 @@ def assert_gist_runs_close(ours, theirs, truth):
         assert_close_scaled(grad, exact, GRADIENT_TOLERANCE[torch.float32], f"d column {index}")
 
 
-@pytest.mark.parametrize("strategy", MATRYOSHKA_STRATEGIES, indirect=True, ids=strategy_id)
-@pytest.mark.parametrize("n_columns", [2, 3, 4], ids=lambda n: f"{n - 2}-negatives")
 @pytest.mark.parametrize(
-    "options", GIST_OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default"
+    "options, n_columns, strategy",
+    interpreted_sparingly(
+        (
+            f"{','.join(f'{k}={v}' for k, v in o.items()) or 'default'}-{n - 2}-negatives",
+            (o, n),
+            not o and n < 4,
+        )
+        for o in GIST_OPTIONS
+        for n in (2, 3, 4)
+    ),
+    indirect=["strategy"],
 )
 def test_matryoshka_over_cached_gist_matches_sentence_transformers(
     options, n_columns, strategy, tiny_bert_dir, guide_model, generator
 ):
-    """CachedGISTEmbedLoss's loss stage inside MatryoshkaLoss: every option, hard negatives, each
-    strategy; the guide's embeddings whole at every dimension (sentence-transformers truncates
-    the model's only); the draw of two dimensions a step with weights."""
-    if strategy[0] == "triton" and (options or n_columns == 4):
-        pytest.skip("the interpreter runs two layouts; the torch path covers every one")
+    """CachedGISTEmbedLoss's loss stage inside MatryoshkaLoss: every option, hard negatives (the
+    interpreter: the default options without and with one); the guide's embeddings whole at
+    every dimension (sentence-transformers truncates the model's only); the draw of two
+    dimensions a step with weights."""
     options = gist_options(options)
     model = make_model(tiny_bert_dir, models.Pooling)
     reps, reps_guided = gist_reps(generator, n_columns)
