@@ -71,17 +71,17 @@ def matryoshka_dims(dim: int) -> list[int]:
     return [dim, dim * 2 // 3, dim // 3, dim // 6, dim // 12]
 
 
-def st_gist_need_gb(batch: int, dim: int, n_dims: int) -> float:
-    """sentence-transformers' GIST loss stage: per block the broadcast products of the model's and
-    the guide's pairs (three blocks), once per dimension held for the backward (an estimate)."""
-    return n_dims * 3 * batch * batch * (dim + dim // 2) * 4 / 1e9
+def st_gist_need_gb(batch: int, dim: int) -> float:
+    """sentence-transformers' GIST loss stage at dimension ``dim``: per block the broadcast
+    products of the model's and the guide's pairs (three blocks; an estimate). Its
+    MatryoshkaLoss needs the largest dimension's: each dimension's backward runs before the next."""
+    return 3 * batch * batch * (dim + dim // 2) * 4 / 1e9
 
 
 def skip_reason(recipe: str, implementation: str, batch: int, dim: int, memory_gb: float) -> str | None:
     if recipe != "gist" or not implementation.startswith("sentence-transformers"):
         return None
-    n_dims = len(matryoshka_dims(dim)) if "Matryoshka" in implementation else 1
-    need = st_gist_need_gb(batch, dim, n_dims)
+    need = st_gist_need_gb(batch, dim)
     return f"would need {need:.0f} GB" if need > memory_gb else None
 
 
