@@ -296,6 +296,17 @@ def gist_reps(generator, n_columns=3, batch=6, dim=16, guide_dim=12):
     return split, [[column[:4], column[4:]] for column in guide]
 
 
+def assert_gist_close(ours, theirs, truth, what=""):
+    """``(loss, gradients)``: the loss within 1e-5 of sentence-transformers' fp32 loss, and loss
+    and each gradient within the fp32 tolerance of tests/loss_checks.py (2e-5 of the largest
+    magnitude) of the float64 truth: GIST's scale of 100 takes fp32 gradients, sentence-
+    transformers' own among them, beyond a fixed 1e-5 of each other."""
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} loss: {m}")
+    assert_close_scaled(ours[0], truth[0], FORWARD_TOLERANCE[torch.float32], f"{what} loss")
+    for index, (grad, exact) in enumerate(zip(ours[1], truth[1], strict=True)):
+        assert_close_scaled(grad, exact, GRADIENT_TOLERANCE[torch.float32], f"{what} d column {index}")
+
+
 def cached_gist_loss(loss_class, model, guide_model, reps, reps_guided, **options):
     leaves = [[part.clone().requires_grad_() for part in column] for column in reps]
     loss = loss_class(model, guide_model, mini_batch_size=3, **options)
@@ -312,13 +323,16 @@ def test_cached_gist_matches_sentence_transformers(
     options, n_columns, strategy, tiny_bert_dir, guide_model, generator
 ):
     """CachedGISTEmbedLoss's loss stage: precomputed model and guide embeddings, every option,
-    several hard negatives, each strategy."""
+    several hard negatives, each strategy, against sentence-transformers' fp32 loss and its
+    float64 truth."""
     options = gist_options(options)
     model = make_model(tiny_bert_dir, models.Pooling)
     reps, reps_guided = gist_reps(generator, n_columns)
     ours = cached_gist_loss(losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
     theirs = cached_gist_loss(st_losses.CachedGISTEmbedLoss, model, guide_model, reps, reps_guided, **options)
-    assert_same(ours, theirs, f"cached GIST {options}")
+    reps64, guided64 = ([[part.double() for part in column] for column in r] for r in (reps, reps_guided))
+    truth = cached_gist_loss(st_losses.CachedGISTEmbedLoss, model, guide_model, reps64, guided64, **options)
+    assert_gist_close(ours, theirs, truth, f"cached GIST {options}")
 
 
 @pytest.mark.skipif("gather_across_devices" not in GIST_ARGUMENTS, reason="GIST gathers from 5.1")
@@ -552,16 +566,12 @@ def gist_matryoshka_runs(inner, reps, reps_guided, arguments, seed):
 
 
 def assert_gist_runs_close(ours, theirs, truth):
-    """The draw of dimensions and the loss of sentence-transformers' fp32 run (1e-5); each gradient
-    within the fp32 tolerance of tests/loss_checks.py (2e-5 of the largest magnitude) of the
-    float64 truth. GIST's scale of 100 takes sentence-transformers' own fp32 gradients beyond a
-    fixed 1e-5 of each other, and the one pass, whose prefixes' radial terms come from ``W_k`` and
-    the cosines (matryoshka.py's docstring), lands 2-4x further from the truth than they do."""
+    """The draw of dimensions of the three runs (``cached_matryoshka_run``) the same; their losses
+    and gradients by :func:`assert_gist_close`. The one pass, whose prefixes' radial terms come
+    from ``W_k`` and the cosines (matryoshka.py's docstring), lands 2-4x further from the truth
+    than sentence-transformers' fp32 gradients do, within that tolerance."""
     assert ours[2] == theirs[2] == truth[2], "the draw of dimensions consumed Python's random differently"
-    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    assert_close_scaled(ours[0], truth[0], FORWARD_TOLERANCE[torch.float32], "loss")
-    for index, (grad, exact) in enumerate(zip(ours[1], truth[1], strict=True)):
-        assert_close_scaled(grad, exact, GRADIENT_TOLERANCE[torch.float32], f"d column {index}")
+    assert_gist_close(ours[:2], theirs[:2], truth[:2])
 
 
 @pytest.mark.parametrize(
