@@ -142,29 +142,20 @@ def _matryoshka_loss(
 ) -> Tensor:  # fmt: skip
     """The Matryoshka loss op (per-row weighted sum) on checked inputs: its memory budget
     (``similarity.matryoshka_budget``), the strategy the single-dimension loss chooses for this
-    call, a fused tile mapped to ``"gemm"`` (``similarity.matryoshka_implementation``). With
-    hardness weighting (``options``), which the one-pass op does not take, one fused loss per
-    dimension on the prefixes, weighted and summed: the same loss at the sum of the dimensions'
-    cost."""
+    call (with the same ``options``: hardness weighting, GIST's guide), a fused tile mapped to
+    ``"gemm"`` (``similarity.matryoshka_implementation``). Every dimension, adjusted logits
+    included, in one pass."""
     requested, resolved = backends
     dims, weights = matryoshka
-    if options.adjusts_logits:
-        total = None
-        for dim, weight in zip(dims, weights, strict=True):
-            loss, _, _ = _contrastive_loss(
-                backends, queries[:, :dim], docs[:, :dim], scale, labels, n_local, flags, chunk_mb, options
-            )
-            total = weight * loss if total is None else total + weight * loss
-        return total
     budget = similarity.matryoshka_budget(
         chunk_mb, queries.shape[0], docs.shape[0], queries.shape[1], len(dims)
     )
     chosen = similarity.choose_implementation(
-        requested, resolved, queries, docs, scale, labels, n_local, flags, budget
+        requested, resolved, queries, docs, scale, labels, n_local, flags, budget, options
     )
     loss, _ = similarity.matryoshka_loss_op(
         queries, docs, scale, labels, dims, weights, n_local, *flags,
-        similarity.matryoshka_implementation(chosen), budget,
+        similarity.matryoshka_implementation(chosen), budget, *options.op_args(queries.shape[0]),
     )  # fmt: skip
     return loss
 
@@ -449,6 +440,8 @@ def guided_in_batch_negatives_loss(
     contrast_positives: bool = True,
     backend: str | None = None,
     chunk_mb: float | None = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """Per-anchor loss ``(B,)`` fp32 of sentence-transformers' GISTEmbedLoss (guided in-batch
     negatives, Solatorio 2024), without the similarity matrices of the model or the guide.
@@ -467,6 +460,13 @@ def guided_in_batch_negatives_loss(
     count as equal to it (kept), so that pairs of identical texts, which tie exactly in
     sentence-transformers (SimCSE's anchor and positive, a document that is one anchor's positive
     and another's negative), are kept as there although the sums run in another order.
+
+    ``matryoshka_dims`` (distinct ints in ``[1, D]``) / ``matryoshka_weights`` (default 1 each):
+    ``loss_i = sum_k w_k loss_i^(d_k)``, the loss above on the first ``d_k`` columns of
+    ``anchors`` and ``docs`` (each prefix normalized on its own), the guide's embeddings and
+    therefore its mask the same at every dimension (sentence-transformers' ``MatryoshkaLoss``
+    truncates the model's embeddings only); all dimensions in one pass, as in
+    :func:`simcse_fast.info_nce`.
     """
     check_embedding_pair("anchors", anchors, "docs", docs)
     for name, guide, rows in (("guide_anchors", guide_anchors, anchors), ("guide_docs", guide_docs, docs)):
@@ -497,6 +497,7 @@ def guided_in_batch_negatives_loss(
         raise TypeError(f"margin must be a number, got {margin!r}")
     check_bool("contrast_anchors", contrast_anchors)
     check_bool("contrast_positives", contrast_positives)
+    matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, anchors.shape[1])
     scale = scale_tensor(scale, anchors.device)
     backends = _loss_backend(backend, "guided_in_batch_negatives_loss", anchors, "anchors")
     flags = (contrast_anchors, False, contrast_positives, True, True, False)
@@ -504,5 +505,9 @@ def guided_in_batch_negatives_loss(
         doc_block=n_positives, guide_queries=guide_anchors.detach(), guide_docs=guide_docs.detach(),
         margin=margin, relative_margin=margin_strategy == "relative",
     )  # fmt: skip
+    if matryoshka is not None:
+        return _matryoshka_loss(
+            backends, anchors, docs, scale, None, n_anchors, flags, chunk_mb, matryoshka, options
+        )
     loss, _, _ = _contrastive_loss(backends, anchors, docs, scale, None, n_anchors, flags, chunk_mb, options)
     return loss

@@ -283,18 +283,34 @@ MATRYOSHKA_HEAVIEST = (True, True, 1, 0)
 """The symmetric block (row and column terms, a positive): the most registers."""
 
 
+MATRYOSHKA_ADJUSTED = [
+    ((True, False, 1, 0), {"HARDNESS": 1}),  # hardness weighting, each mode
+    ((True, False, 1, 0), {"HARDNESS": 2}),
+    ((True, False, 1, 0), {"HARDNESS": 3}),
+    (MATRYOSHKA_HEAVIEST, {"HARDNESS": 1}),  # the symmetric block with hardness
+    ((True, False, 1, 0), {"GUIDED": 1}),  # GIST's query_to_doc block
+    ((True, False, 0, 0), {"GUIDED": 2}),  # GIST's same-type blocks
+]
+"""Hardness weighting and GIST's guide in the Matryoshka weights kernel (bf16 ``What``): each
+dimension's cosines a second time for hardness, the tile's guide mask formed once from the
+chunk's guide dot products."""
+
+
 def matryoshka_cases():
     """The Matryoshka loss's weights kernel (a pass over K chunks of precomputed dot products),
     at the tile its launcher uses: every flag set of the single-dimension weights kernel with
-    ``What`` in bf16, and the heaviest with ``What`` in fp16 and fp32."""
+    ``What`` in bf16, the heaviest with ``What`` in fp16 and fp32, and the adjusted row softmaxes
+    (``MATRYOSHKA_ADJUSTED``)."""
     from simcse_fast.similarity import matryoshka
 
     config = matryoshka.MATRYOSHKA_PASS
-    cases = [(flag_set, "bf16") for flag_set in WEIGHTS_FLAGS]
-    cases += [(MATRYOSHKA_HEAVIEST, dtype) for dtype in ("fp16", "fp32")]
-    for (row_terms, col_terms, positive, exclude), dtype in cases:
+    cases = [(flag_set, {}, "bf16") for flag_set in WEIGHTS_FLAGS]
+    cases += [(MATRYOSHKA_HEAVIEST, {}, dtype) for dtype in ("fp16", "fp32")]
+    cases += [(flag_set, adjustment, "bf16") for flag_set, adjustment in MATRYOSHKA_ADJUSTED]
+    for (row_terms, col_terms, positive, exclude), adjustment, dtype in cases:
         constexprs = {
             "ROW_TERMS": row_terms, "COL_TERMS": col_terms, "POSITIVE": positive, "EXCLUDE": exclude,
+            "HARDNESS": 0, "GUIDED": 0, **adjustment, "GUIDE_PRECISION": "ieee",
             "ROW_FIELDS": matryoshka.ROW_FIELDS, "COL_FIELDS": matryoshka.COL_FIELDS,
             "BLOCK_R": config.block_rows, "BLOCK_C": config.block_cols,
         }  # fmt: skip

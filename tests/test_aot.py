@@ -181,17 +181,24 @@ def matryoshka_results() -> list[dict]:
 
 
 def test_matryoshka_kernel_compiles_for_sm90_without_spills(matryoshka_results):
-    """The Matryoshka weights kernel: every flag set (7, What in bf16) and the heaviest in fp16
-    and fp32, no spills, no dot (cuBLAS did the products), its chunks read into registers, and
-    the occupancy its table states (``MATRYOSHKA_CTAS_PER_SM``, one CTA of tolerance)."""
+    """The Matryoshka weights kernel: every flag set (7, What in bf16), the heaviest in fp16
+    and fp32, hardness weighting (each mode, and the symmetric block) and GIST's guide (its two
+    block kinds) in bf16: no spills, no dot (cuBLAS did the products, the guide's included), its
+    chunks read into registers, and the occupancy its table states (``MATRYOSHKA_CTAS_PER_SM``,
+    plain and adjusted, one CTA of tolerance)."""
     from simcse_fast.similarity.matryoshka import MATRYOSHKA_CTAS_PER_SM
 
-    assert len(matryoshka_results) == 7 + 2
+    assert len(matryoshka_results) == 7 + 2 + 6
     spilled = [r["case"] for r in matryoshka_results if r["local"] > 0 or r["stack"] > 0]
     assert not spilled, f"register spills (stack or local memory) in: {spilled}"
     for result in matryoshka_results:
         assert 0 < result["reg"] <= 255 and not result["wgmma"], result
         assert result["dynamic_shared"] <= 4 * 1024, result
         assert result["vector_loads"], result["case"]
-    fewest = min(_ctas_per_sm(r) for r in matryoshka_results if "w_ptr=bf16" in r["case"])
-    assert abs(MATRYOSHKA_CTAS_PER_SM["bf16"] - fewest) <= 1, fewest
+    for kind, adjusted in (("bf16", False), ("bf16 adjusted", True)):
+        fewest = min(
+            _ctas_per_sm(r)
+            for r in matryoshka_results
+            if "w_ptr=bf16" in r["case"] and ("'HARDNESS': 0, 'GUIDED': 0" not in r["case"]) == adjusted
+        )
+        assert abs(MATRYOSHKA_CTAS_PER_SM[kind] - fewest) <= 1, (kind, fewest)

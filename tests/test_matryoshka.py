@@ -2,7 +2,9 @@
 over the dimensions of ``reference.info_nce`` on the truncated inputs) in every strategy and
 layout; the drop-in ``MatryoshkaLoss`` against sentence-transformers' own over its MNRL and
 CachedMNRL; half precision by the 2x-eager rule; ranks gathered over gloo; no host
-synchronization; torch.library's opcheck; the argument checks."""
+synchronization (hardness weighting and GIST's guide included); torch.library's opcheck; the
+argument checks. tests/test_hardness_and_gist.py holds the one pass over hardness weighting and
+GIST to sentence-transformers' MatryoshkaLoss over those losses."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from syncs import HostSyncDetector
 from test_loss_strategies import OP_MODES, _CheckedKernel, _GuardRecorder
 
 import simcse_fast as sf
-from simcse_fast import functional, reference
+from simcse_fast import functional, reference, similarity
 from simcse_fast.similarity import matryoshka
 
 needs_interpreter = pytest.mark.skipif("triton" not in cpu_backends(), reason="needs the Triton interpreter")
@@ -145,9 +147,10 @@ def test_logsumexp_layout_matches_the_summed_reference(strategy, backend, dtype,
     flags = (False, False, False, False, False, True)
 
     def fused(q, k, *, scale):
-        return matryoshka.matryoshka_loss_op(q, k, scale, None, dims, weights, 12, *flags, strategy, 1 << 20)[
-            0
-        ]
+        plain = similarity.PLAIN.op_args(12)
+        return matryoshka.matryoshka_loss_op(
+            q, k, scale, None, dims, weights, 12, *flags, strategy, 1 << 20, *plain
+        )[0]
 
     def summed(q, k, *, scale):
         return sum(
@@ -264,26 +267,32 @@ def test_half_precision_with_easy_positives_within_twice_eager(backend, dtype, l
 
 # The ops: no host synchronization, opcheck, launches under the tensors' device.
 
-MODES = ("info_nce", "labels", "symmetric", "all_directions_joint_gathered", "exclude_diagonal")
+MODES = (
+    "info_nce", "labels", "symmetric", "all_directions_joint_gathered", "exclude_diagonal",
+    "hardness_symmetric", "hardness_all_directions", "guided",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("strategy", matryoshka.MATRYOSHKA_STRATEGIES)
 def test_ops_issue_no_host_synchronization(strategy, mode, generator):
+    """Both ops in chunks of rows, every layout, hardness weighting and the guide included."""
     if strategy == "gemm" and "triton" not in cpu_backends():
         pytest.skip("needs the Triton interpreter")
-    has_labels, n_local, flags, _ = OP_MODES[mode]
+    has_labels, n_local, flags, make_options = OP_MODES[mode]
+    options = similarity.PLAIN if make_options is None else make_options(generator)
     queries = random_embeddings((20, 32), torch.float32, generator)
     docs = random_embeddings((40, 32), torch.float32, generator)
     labels = torch.randint(0, 40, (n_local,), generator=generator) if has_labels else None
     scale, dims, weights = torch.full((), 20.0), [7, 16, 32], [1.0, 0.5, 2.0]
+    extra = options.op_args(queries.shape[0])
     with HostSyncDetector():
         loss, stats = matryoshka.matryoshka_loss_op._init_fn(
-            queries, docs, scale, labels, dims, weights, n_local, *flags, strategy, 4096
+            queries, docs, scale, labels, dims, weights, n_local, *flags, strategy, 4096, *extra
         )
         grads = matryoshka.matryoshka_loss_backward_op._init_fn(
             torch.ones_like(loss), queries, docs, scale, labels, stats, dims, weights, n_local, *flags,
-            strategy, 4096, True,
+            strategy, 4096, *extra, True,
         )  # fmt: skip
     assert loss.isfinite().all() and all(grad.isfinite().all() for grad in grads)
 
@@ -299,15 +308,24 @@ def test_ops_pass_opcheck(strategy, generator):
     labels = torch.randint(0, 12, (6,), generator=generator)
     dims, weights = [5, 20], [1.0, 0.5]
     flags = (True, True, True, True, True, False)
-    forward = (queries, docs, scale, None, dims, weights, 4, *flags, strategy, 1 << 20)
+    plain = similarity.PLAIN.op_args(6)
+    forward = (queries, docs, scale, None, dims, weights, 4, *flags, strategy, 1 << 20, *plain)
     torch.library.opcheck(matryoshka.matryoshka_loss_op, forward)
     with_labels = (queries, docs, scale, labels, dims, weights, 6, False, False, False, False, True, False)
-    torch.library.opcheck(matryoshka.matryoshka_loss_op, (*with_labels, strategy, 256))
+    torch.library.opcheck(matryoshka.matryoshka_loss_op, (*with_labels, strategy, 256, *plain))
     _, stats = matryoshka.matryoshka_loss_op(*forward)
     backward = (torch.ones(4), queries.detach(), docs.detach(), scale.detach(), None, stats, dims, weights, 4)
     torch.library.opcheck(
-        matryoshka.matryoshka_loss_backward_op, (*backward, *flags, strategy, 1 << 20, True)
+        matryoshka.matryoshka_loss_backward_op, (*backward, *flags, strategy, 1 << 20, *plain, True)
     )
+    # GIST's layout: the guide's embeddings are tensor arguments without a gradient.
+    guide = similarity.LossOptions(
+        doc_block=6, guide_queries=torch.randn(6, 8, generator=generator),
+        guide_docs=torch.randn(12, 8, generator=generator), margin=0.1,
+    )  # fmt: skip
+    gist_flags = (True, False, True, True, True, False)
+    guided = (queries, docs, scale, None, dims, weights, 6, *gist_flags, strategy, 1 << 20, *guide.op_args(6))
+    torch.library.opcheck(matryoshka.matryoshka_loss_op, guided)
 
 
 @needs_interpreter
@@ -327,11 +345,19 @@ def test_every_triton_launch_runs_under_the_tensors_device(monkeypatch, generato
     assert len(recorder.guarded_launches) == 3  # a forward launch per dimension, a weights launch
 
 
-def test_compiles_without_graph_breaks(generator):
-    """``torch.compile(fullgraph=True)`` traces through both ops: the same loss and gradients."""
+@pytest.mark.parametrize("loss", ["info_nce", "gist"])
+def test_compiles_without_graph_breaks(loss, generator):
+    """``torch.compile(fullgraph=True)`` traces through both ops: the same loss and gradients
+    (GIST's guide included)."""
     torch._dynamo.reset()
+    guide_anchors, guide_docs = (random_embeddings((6, 8), torch.float32, generator) for _ in range(2))
 
     def loss_fn(anchors, candidates):
+        if loss == "gist":
+            return functional.guided_in_batch_negatives_loss(
+                anchors, candidates[:6], guide_anchors, guide_docs, n_positives=6, scale=20.0,
+                matryoshka_dims=[4, 16], matryoshka_weights=[0.5, 1.0],
+            ).mean()  # fmt: skip
         return sf.info_nce(anchors, candidates, matryoshka_dims=[4, 16], matryoshka_weights=[0.5, 1.0])
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
@@ -382,6 +408,11 @@ def test_bad_matryoshka_arguments(dims, weights, error, message):
         functional.in_batch_negatives_loss(
             anchors, candidates[:4], n_local=4, matryoshka_dims=dims, matryoshka_weights=weights
         )
+    with pytest.raises(error, match=message):
+        functional.guided_in_batch_negatives_loss(
+            anchors, candidates[:4], torch.randn(4, 8), torch.randn(4, 8), n_positives=4,
+            matryoshka_dims=dims, matryoshka_weights=weights,
+        )  # fmt: skip
 
 
 def test_any_order_of_dimensions_and_numpy_values_give_the_same_loss(generator):
@@ -471,10 +502,14 @@ def matryoshka_run(matryoshka_class, inner, columns, arguments, seed, sort_draw=
 
 
 def assert_same_runs(ours, theirs):
+    """The same draw of dimensions, the loss within 1e-5 and each gradient within twice the fp32
+    tolerance of tests/loss_checks.py (2e-5 of the largest magnitude, at least 1): both are fp32
+    computations, each within that tolerance of the float64 truth (weights of a few units take
+    the gradients of either beyond a fixed 1e-5 of the other)."""
     assert ours[2] == theirs[2], "the draw of dimensions consumed Python's random differently"
     torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
-    for grad, expected in zip(ours[1], theirs[1], strict=True):
-        torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-5)
+    for index, (grad, expected) in enumerate(zip(ours[1], theirs[1], strict=True)):
+        assert_close_scaled(grad, expected, 2 * GRADIENT_TOLERANCE[torch.float32], f"d column {index}")
 
 
 @pytest.mark.parametrize("case", list(MATRYOSHKA_CASES))

@@ -33,9 +33,12 @@ embeddings (``model.double()``) — runs sentence-transformers' own computation,
 warning per loss object: never a silently different loss, never a refusal of what
 sentence-transformers accepts.
 
-``MatryoshkaLoss`` around one of these losses computes every (sampled) Matryoshka dimension in one
-fused call, ``sum_k w_k loss(embeddings[:, :d_k])`` with the products of the largest dimension
-only, where sentence-transformers runs the inner loss once per dimension.
+``MatryoshkaLoss`` around one of these losses (hardness weighting and GIST's guide included)
+computes every (sampled) Matryoshka dimension in one fused call, ``sum_k w_k
+loss(embeddings[:, :d_k])`` with the products of the largest dimension only, where
+sentence-transformers runs the inner loss once per dimension. GIST's guide embeddings are not
+truncated there (sentence-transformers truncates the model's only): one guide mask serves every
+dimension.
 """
 
 from __future__ import annotations
@@ -272,23 +275,30 @@ class CachedMultipleNegativesRankingLoss(_SeveralDimensions, st_losses.CachedMul
             if self._matryoshka is None:
                 options = _accepted(super().calculate_loss, labels=labels, with_backward=with_backward)
                 return super().calculate_loss(reps, **options)
-            # MatryoshkaLoss handed this call every dimension: sentence-transformers' loss stage once
-            # for each, one backward through the prefixes.
             options = _accepted(super().calculate_loss, labels=labels)
-            loss = 0.0
-            for dim, weight in zip(*self._matryoshka, strict=True):
-                prefixes = [[part[..., :dim] for part in column] for column in reps]
-                loss = loss + weight * super().calculate_loss(prefixes, **options)
-            if with_backward:
-                loss.backward()
-                loss = loss.detach()
-            return loss
+            base = super().calculate_loss
+            return _each_dimension(self, lambda prefixes: base(prefixes, **options), reps, with_backward)
         embeddings = [torch.cat(column) for column in reps]
         loss = fused_in_batch_negatives_loss(embeddings, **_fused_options(self))
         if with_backward:
             loss.backward()
             loss = loss.detach()
         return loss
+
+
+def _each_dimension(loss: _SeveralDimensions, calculate, reps: list[list[Tensor]], with_backward: bool):
+    """A cached loss's fallback inside :class:`MatryoshkaLoss`, which handed ``loss`` every
+    dimension: sentence-transformers' loss stage (``calculate``, on mini-batches of embeddings)
+    once for each dimension on the prefixes of ``reps``, weighted and summed, and one backward
+    through the prefixes when ``with_backward``."""
+    total = 0.0
+    for dim, weight in zip(*loss._matryoshka, strict=True):
+        prefixes = [[part[..., :dim] for part in column] for column in reps]
+        total = total + weight * calculate(prefixes)
+    if with_backward:
+        total.backward()
+        total = total.detach()
+    return total
 
 
 def _accepted(method, **arguments) -> dict:
@@ -309,12 +319,16 @@ def fused_gist_loss(
     contrast_positives: bool = True,
     gather_across_devices: bool = False,
     backend: str | None = None,
+    matryoshka_dims=None,
+    matryoshka_weights=None,
 ) -> Tensor:
     """sentence-transformers' GISTEmbedLoss from the model's embeddings ``[anchors (B, D),
     positives (B, D), negatives_1 (B, D), ...]`` and the guide's of the same texts, without either
     similarity matrix (``simcse_fast.functional.guided_in_batch_negatives_loss``). With
     ``gather_across_devices`` the documents (and the guide's) of every rank are gathered, the
-    anchors are not, as in sentence-transformers."""
+    anchors are not, as in sentence-transformers. ``matryoshka_dims`` / ``matryoshka_weights``: the
+    weighted sum of the loss over those prefix dimensions of the model's embeddings, the guide's
+    whole at every dimension, in one pass."""
     if len(embeddings) < 2 or len(guide_embeddings) != len(embeddings):
         raise ValueError(
             f"Expected at least 2 embeddings and as many guide embeddings; got {len(embeddings)} and "
@@ -332,13 +346,16 @@ def fused_gist_loss(
         torch.cat([_rotate_rows(doc, offset) for doc in guide_docs]), n_positives=docs[0].shape[0],
         scale=1.0 / temperature, margin_strategy=margin_strategy, margin=margin,
         contrast_anchors=contrast_anchors, contrast_positives=contrast_positives, backend=backend,
+        matryoshka_dims=matryoshka_dims, matryoshka_weights=matryoshka_weights,
     )  # fmt: skip
     return per_anchor.mean()
 
 
 def _gist_options(loss) -> dict:
     """The GIST loss object's options (releases before 4.0 have no margin and contrast options:
-    their defaults)."""
+    their defaults), with the Matryoshka dimensions and weights while :class:`MatryoshkaLoss` runs
+    it."""
+    dims, weights = loss._matryoshka or (None, None)
     return {
         "temperature": float(loss.temperature),
         "margin_strategy": getattr(loss, "margin_strategy", "absolute"),
@@ -346,6 +363,8 @@ def _gist_options(loss) -> dict:
         "contrast_anchors": bool(getattr(loss, "contrast_anchors", True)),
         "contrast_positives": bool(getattr(loss, "contrast_positives", True)),
         "gather_across_devices": bool(getattr(loss, "gather_across_devices", False)),
+        "matryoshka_dims": dims,
+        "matryoshka_weights": weights,
     }
 
 
@@ -369,11 +388,28 @@ def _retokenized(loss, features: dict) -> dict:
     }
 
 
-class GISTEmbedLoss(st_losses.GISTEmbedLoss):
+class _GuidedDimensions(_SeveralDimensions):
+    """Mixin of the GIST drop-ins: several Matryoshka dimensions in one fused call, but for a
+    float64 model, whose loss is sentence-transformers' own (:class:`MatryoshkaLoss` then runs
+    it once per dimension, as sentence-transformers does)."""
+
+    def several_dims_unfusable_reason(self) -> str | None:
+        if _float64(next(self.model.parameters())):
+            return "float64 embeddings"
+        return None
+
+
+class GISTEmbedLoss(_GuidedDimensions, st_losses.GISTEmbedLoss):
     """sentence-transformers' ``GISTEmbedLoss`` (same constructor and loss): the guide's mask is
     computed inside the fused op from the guide's embeddings, so neither the model's nor the
     guide's similarity matrices are built. A float64 model runs sentence-transformers' own code
     (after one warning)."""
+
+    def several_dims_unfusable_reason(self) -> str | None:
+        if self.guide is self.model:
+            # sentence-transformers' MatryoshkaLoss truncates the model's outputs, the guide's too.
+            return "the guide is the model itself"
+        return super().several_dims_unfusable_reason()
 
     def forward(self, sentence_features, labels: Tensor | None = None) -> Tensor:
         sentence_features = list(sentence_features)
@@ -392,7 +428,7 @@ class GISTEmbedLoss(st_losses.GISTEmbedLoss):
         return fused_gist_loss(embeddings, guide_embeddings, **_gist_options(self))
 
 
-class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
+class CachedGISTEmbedLoss(_GuidedDimensions, st_losses.CachedGISTEmbedLoss):
     """sentence-transformers' ``CachedGISTEmbedLoss`` (GradCache), with the full-batch guided
     loss fused: the loss stage needs O(B·D) memory instead of mini-batch x full-batch similarity
     chunks of the model and of the guide."""
@@ -401,7 +437,12 @@ class CachedGISTEmbedLoss(st_losses.CachedGISTEmbedLoss):
         embeddings = [torch.cat(column) for column in reps]
         if _float64(*embeddings):
             _warn_fallback(self, "float64 embeddings")
-            return super().calculate_loss(reps, reps_guided, *args, with_backward=with_backward, **kwargs)
+            if self._matryoshka is None:
+                return super().calculate_loss(reps, reps_guided, *args, with_backward=with_backward, **kwargs)
+            base = super().calculate_loss
+            return _each_dimension(
+                self, lambda prefixes: base(prefixes, reps_guided, *args, **kwargs), reps, with_backward
+            )
         if len(reps) != len(reps_guided):
             raise ValueError("reps and reps_guided must have the same length")
         guide_embeddings = [torch.cat(column) for column in reps_guided]
@@ -457,13 +498,15 @@ class _CachedDimsAtOnce:
 class MatryoshkaLoss(st_losses.MatryoshkaLoss):
     """sentence-transformers' ``MatryoshkaLoss`` (same constructor, the same draw of dimensions
     with ``n_dims_per_step``, the same loss and gradients) that, around
-    ``MultipleNegativesRankingLoss``, ``MultipleNegativesSymmetricRankingLoss`` or
-    ``CachedMultipleNegativesRankingLoss`` from this module, computes all the step's dimensions
-    in one fused call: ``sum_k w_k loss(e[:, :d_k])`` (each prefix normalized on its own) with
-    the GEMM work of the largest dimension and O(N M) elementwise work per dimension, where
-    sentence-transformers computes the inner loss once per dimension (2.25x the products for
-    768, 512, 256, 128, 64). Around any other loss, or an option the fused loss does not compute,
-    it is sentence-transformers' class unchanged."""
+    ``MultipleNegativesRankingLoss``, ``MultipleNegativesSymmetricRankingLoss``,
+    ``CachedMultipleNegativesRankingLoss`` (hardness weighting included), ``GISTEmbedLoss`` or
+    ``CachedGISTEmbedLoss`` from this module, computes all the step's dimensions in one fused
+    call: ``sum_k w_k loss(e[:, :d_k])`` (each prefix normalized on its own; GIST's guide
+    embeddings whole, as sentence-transformers leaves them) with the GEMM work of the largest
+    dimension and O(N M) elementwise work per dimension, where sentence-transformers computes the
+    inner loss once per dimension (2.25x the products for 768, 512, 256, 128, 64). Around any other
+    loss, or an option the fused loss does not compute, it is sentence-transformers' class
+    unchanged."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

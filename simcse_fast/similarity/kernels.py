@@ -100,19 +100,36 @@ def _adjusted_row_logits(
             selected = c[None, :] != global_rows[:, None]
         logits = logits + tl.where(selected, hardness_strength * cos, 0.0)
     if GUIDED:
-        guide_dots = _tile_dots(
-            gx_ptr, gy_ptr, guide_dots_ptr, r, c, r_in, c_in, guide_dim, stride_gx, stride_gy,
-            stride_guide_dots, PRECOMPUTED, BLOCK_R, BLOCK_C, BLOCK_D, GUIDE_PRECISION,
+        masked = _guide_mask(
+            r, c, r_in, c_in, positive_cols, gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr,
+            threshold_ptr, guide_dim, stride_gx, stride_gy, stride_guide_dots, GUIDED, PRECOMPUTED, BLOCK_R,
+            BLOCK_C, BLOCK_D, GUIDE_PRECISION,
         )  # fmt: skip
-        g_inv_x = tl.load(g_inv_x_ptr + r, mask=r_in, other=0.0)
-        g_inv_y = tl.load(g_inv_y_ptr + c, mask=c_in, other=0.0)
-        guide_cos = g_inv_x[:, None] * guide_dots * g_inv_y[None, :]
-        threshold = tl.load(threshold_ptr + r, mask=r_in, other=0.0)
-        masked = guide_cos > threshold[:, None]
-        if GUIDED == 1:
-            masked = masked & (c[None, :] != positive_cols[:, None])
         logits = tl.where(masked, float("-inf"), logits)
     return logits
+
+
+@triton.jit
+def _guide_mask(
+    r, c, r_in, c_in, positive_cols, gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+    guide_dim, stride_gx, stride_gy, stride_guide_dots, GUIDED: tl.constexpr, PRECOMPUTED: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, GUIDE_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """The terms GIST's guide removes from a ``(BLOCK_R, BLOCK_C)`` tile of a row softmax (bool):
+    the guide's cosine ``gcos_rc`` above the row's ``threshold``, the row's positive kept for
+    ``GUIDED`` 1 (``_adjusted_row_logits``)."""
+    guide_dots = _tile_dots(
+        gx_ptr, gy_ptr, guide_dots_ptr, r, c, r_in, c_in, guide_dim, stride_gx, stride_gy,
+        stride_guide_dots, PRECOMPUTED, BLOCK_R, BLOCK_C, BLOCK_D, GUIDE_PRECISION,
+    )  # fmt: skip
+    g_inv_x = tl.load(g_inv_x_ptr + r, mask=r_in, other=0.0)
+    g_inv_y = tl.load(g_inv_y_ptr + c, mask=c_in, other=0.0)
+    guide_cos = g_inv_x[:, None] * guide_dots * g_inv_y[None, :]
+    threshold = tl.load(threshold_ptr + r, mask=r_in, other=0.0)
+    masked = guide_cos > threshold[:, None]
+    if GUIDED == 1:
+        masked = masked & (c[None, :] != positive_cols[:, None])
+    return masked
 
 
 @triton.jit

@@ -72,14 +72,13 @@ import torch
 from torch import Tensor
 
 from .._triton import launch_device, tl, triton
-from .fused import ForwardPartials
-from .gemm import dot_chunk_rows
-from .kernels import PASS_CONFIGS, TileConfig, ceil_div, exclusion
+from .fused import ForwardPartials, adjustment_arguments
+from .gemm import _guide_dots, dot_chunk_rows
+from .kernels import PASS_CONFIGS, TileConfig, _adjusted_row_logits, _guide_mask, ceil_div, exclusion
 from .numerics import (
     CHUNK_ENV_VAR,
-    DIRECTIONS,
-    NO_ADJUSTMENT,
     NORM_EPS,
+    Adjustment,
     Block,
     Side,
     accumulate_product,
@@ -97,10 +96,8 @@ from .numerics import (
     split_stats,
     weight_bound,
 )
-
-PLAIN_ADJUSTMENTS = {name: NO_ADJUSTMENT for name in DIRECTIONS}
-"""No hardness weighting or guide in any direction: this op takes neither
-(``functional._matryoshka_loss`` runs a loss per dimension where they are asked for)."""
+from .op import _Layout
+from .torch_path import adjust, guide_mask
 
 MATRYOSHKA_PASS = TileConfig(
     "matryoshka", block_rows=16, block_cols=64, block_d=16, num_warps=4, num_stages=1
@@ -110,10 +107,11 @@ products: 8 elements a thread keep the heaviest flags at 92 registers on Triton 
 3.6 (32 x 64 took 140, three CTAs per SM), and 16 rows a tile keep the column sums it writes (a
 row of them per row block) at 1/16 of what it reads."""
 
-MATRYOSHKA_CTAS_PER_SM = {"bf16": 5}
+MATRYOSHKA_CTAS_PER_SM = {"bf16": 5, "bf16 adjusted": 4}
 """CTAs of the weights kernel (bf16, the heaviest flags) that fit one sm_90 SM, as the
 ahead-of-time compile test recomputes them (Triton 3.9 and 3.6; one CTA of difference
-tolerated)."""
+tolerated): the plain losses, and with hardness weighting or GIST's guide (the symmetric block
+with hardness, 106 registers on Triton 3.9 and 108 on 3.6, is the heaviest)."""
 
 ROW_FIELDS = 5
 """Per-row values of one dimension, in this order: inverse norm, ratio to the full-dimension
@@ -143,10 +141,12 @@ rate drops by a quarter from 512 rows to 227). A GPU processes the whole chunk a
 @triton.jit
 def _matryoshka_weights_kernel(
     dots_ptr, row_data_ptr, col_data_ptr, scale_ptr, labels_ptr, w_ptr, row_sums_ptr, col_sums_ptr,
+    gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
     n_rows, n_cols, n_col_terms, n_dims, stride_dots_dim, stride_dots, stride_w_dim, stride_w, first_row,
-    exclude_period,
+    exclude_period, guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
     ROW_TERMS: tl.constexpr, COL_TERMS: tl.constexpr, POSITIVE: tl.constexpr, EXCLUDE: tl.constexpr,
-    ROW_FIELDS: tl.constexpr, COL_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    HARDNESS: tl.constexpr, GUIDED: tl.constexpr, GUIDE_PRECISION: tl.constexpr, ROW_FIELDS: tl.constexpr,
+    COL_FIELDS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """One ``(BLOCK_R, BLOCK_C)`` tile of every segment's ``What`` (module docstring). For
     ``k = n_dims - 1`` down to 0: ``cos_k = a^k_r dots_k[r, c] b^k_c`` from the chunk of prefix dot
@@ -156,6 +156,12 @@ def _matryoshka_weights_kernel(
     there), in fp32; ``What_k = What_{k+1} + rho^k_r sigma^k_c W_k`` is written to ``w + k
     stride_w_dim`` in its dtype, and the tile's row and column sums of ``W_k cos_k`` to
     ``row_sums[k, column block, r]`` and ``col_sums[k, row block, c]``.
+
+    The row terms' logits are adjusted as ``_adjusted_row_logits`` says, at every dimension:
+    ``HARDNESS`` with that dimension's cosines ``cos_k``; ``GUIDED`` by one mask of the tile, formed
+    before the loop from the chunk's fp32 guide dot products (``guide_dots``, rows of the launch),
+    since the guide's embeddings are not truncated. ``gx``, ``gy`` and ``GUIDE_PRECISION`` are
+    unused (the guide's products are always precomputed).
 
     ``row_data`` is ``(n_dims, ROW_FIELDS, n_rows)`` fp32 (inverse norm, ratio, lse, weight,
     positive value), ``col_data`` ``(n_dims, COL_FIELDS, n_cols)`` (inverse norm, ratio, lse,
@@ -181,6 +187,12 @@ def _matryoshka_weights_kernel(
         positive_cols = tl.load(labels_ptr + r, mask=r_in, other=-1).to(tl.int32)
     else:
         positive_cols = global_rows
+    if GUIDED:
+        guide_masked = _guide_mask(
+            r, c, r_in, c_in, positive_cols, gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr,
+            threshold_ptr, guide_dim, stride_gx, stride_gy, stride_guide_dots, GUIDED, True, BLOCK_R, BLOCK_C,
+            16, GUIDE_PRECISION,
+        )  # fmt: skip
     scale = tl.load(scale_ptr).to(tl.float32)
     # int64 per row, not per element: a chunk of dot products passes 2**31 elements at M = 10**7.
     dots_rows = dots_ptr + r.to(tl.int64) * stride_dots
@@ -201,9 +213,17 @@ def _matryoshka_weights_kernel(
         logits = scale * cos
         weights = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
         if ROW_TERMS:
+            row_logits = _adjusted_row_logits(
+                logits, cos, r, global_rows, c, r_in, c_in, positive_cols,
+                gx_ptr, gy_ptr, guide_dots_ptr, g_inv_x_ptr, g_inv_y_ptr, threshold_ptr,
+                guide_dim, stride_gx, stride_gy, stride_guide_dots, hardness_strength, own_period,
+                HARDNESS, 0, True, BLOCK_R, BLOCK_C, 16, GUIDE_PRECISION,
+            )  # fmt: skip
+            if GUIDED:
+                row_logits = tl.where(guide_masked, float("-inf"), row_logits)
             row_lse = tl.load(row_base + 2 * n_rows + r, mask=r_in, other=0.0)
             row_weight = tl.load(row_base + 3 * n_rows + r, mask=r_in, other=0.0)
-            weights += row_weight[:, None] * tl.exp(logits - row_lse[:, None])
+            weights += row_weight[:, None] * tl.exp(row_logits - row_lse[:, None])
         if COL_TERMS:
             c_terms = c < n_col_terms
             col_lse = tl.load(col_base + 2 * n_cols + c, mask=c_terms, other=0.0)
@@ -364,34 +384,52 @@ def _scaled_cosines(dots: Tensor, row_scale: Tensor | None, col_scale: Tensor, o
     return torch.mul(dots, row_scale, out=out).mul_(col_scale)
 
 
-def _torch_row_lse(rows: Prefixes, n_rows, cols: Prefixes, n_cols, period, positive, scale, bounds, budget):
+def _torch_row_lse(
+    rows: Prefixes, n_rows, cols: Prefixes, n_cols, period, positive, scale, bounds, budget, adjusted
+):  # fmt: skip
     """Per chunk of rows the prefix dot products, dimension by dimension; each dimension's
-    base-2 logits ``((dots a) b^k) (log2(e) s rho^k)`` (the expression of the backward) reduced a
-    sub-block at a time, the sum without the positive kept beside the positive's term."""
+    base-2 logits ``((dots a) b^k) (log2(e) s rho^k)`` (the expression of the backward), adjusted
+    by ``adjusted`` (:func:`_adjuster`), reduced a sub-block at a time, the sum without the
+    positive kept beside the positive's term. A guided softmax's mask is formed once per chunk,
+    its guide cosines in the buffer the dot products then overwrite."""
     mode, labels = positive
     n_dims, device = len(bounds), rows.side.x.device
-    step = _torch_chunk_rows(budget, 4, n_rows, n_cols, device)
+    guided = adjusted.guided > 0
+    step = _torch_chunk_rows(budget, 4 + guided, n_rows, n_cols, device)
     sub = _sub_rows(step, n_cols, device)
     buffer = torch.empty(step * n_cols, dtype=torch.float32, device=device)
-    logits_buffer = torch.empty(sub * n_cols, dtype=torch.float32, device=device)
+    mask_buffer = torch.empty(step * n_cols if guided else 0, dtype=torch.bool, device=device)
+    cos_buffer, logits_buffer = (
+        torch.empty(sub * n_cols, dtype=torch.float32, device=device) for _ in range(2)
+    )
     # Per dimension and row: the shift, the sum of the terms other than the positive, its term.
     sums = torch.zeros((3, n_dims, n_rows), dtype=torch.float32, device=device)
     row_factor = rows.ratio[:, :n_rows] * (scale * LOG2E)
+    adjuster = _adjuster(adjusted, rows.ratio[:, :n_rows])
     lowest = torch.finfo(torch.float32).min
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         out = buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
         columns = positive_columns(mode, labels, start, stop, 0, device) if mode else None
         excluded = _excluded_columns(start, stop - start, n_cols, period, device) if period else None
+        masked = None
+        if guided:
+            mask = mask_buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
+            masked = guide_mask(adjusted, slice(start, stop), n_cols, columns, out=mask, cos_out=out)
         chunk_dots = prefix_dots(rows, slice(start, stop), cols, n_cols, bounds, out, rows.unit_operand)
         for k, dots in chunk_dots:
             for first in range(start, stop, sub):
                 last = min(first + sub, stop)
                 here = slice(first - start, last - start)
+                cos = cos_buffer[: (last - first) * n_cols].view(last - first, n_cols)
                 logits = logits_buffer[: (last - first) * n_cols].view(last - first, n_cols)
                 row_scale = None if rows.unit_operand is not None else rows.side.inv_norm[first:last, None]
-                _scaled_cosines(dots[here], row_scale, cols.inv_norm[k, None, :n_cols], logits)
-                logits.mul_(row_factor[k, first:last, None])
+                _scaled_cosines(dots[here], row_scale, cols.inv_norm[k, None, :n_cols], cos)
+                torch.mul(cos, row_factor[k, first:last, None], out=logits)
+                if adjuster is not None:
+                    columns_here = None if columns is None else columns[here]
+                    masked_here = None if masked is None else masked[here]
+                    adjuster(logits, cos, k, slice(first, last), columns_here, masked_here)
                 if excluded is not None:
                     logits.scatter_(1, excluded[here], float("-inf"))
                 shift = sums[0, k, first:last, None]
@@ -409,41 +447,58 @@ def _torch_row_lse(rows: Prefixes, n_rows, cols: Prefixes, n_cols, period, posit
     return lse, ((shift + negatives.log2()) / LOG2E if mode else None)
 
 
-def _gemm_row_lse(rows: Prefixes, n_rows, cols: Prefixes, n_cols, period, positive, scale, bounds, budget):
+def _adjuster(adjusted: Adjustment, ratio: Tensor):
+    """How the torch strategy adjusts dimension ``k``'s base-2 row logits (``torch_path.adjust``,
+    in place), or None for a plain softmax: called as ``(logits, cos, k, rows, positive columns,
+    the guide's mask of the rows or None)`` with ``cos = cos_k / rho^k`` (``_scaled_cosines``) of
+    rows ``rows`` of the loss (``ratio``: ``rho^k`` of rows ``0..``). Hardness adds
+    ``alpha log2(e) cos_k = cos (alpha log2(e) rho^k)``, a per-row strength like the scale's
+    factor; the guide's mask is the same at every dimension."""
+    if not (adjusted.hardness or adjusted.guided):
+        return None
+    strength = ratio * (adjusted.hardness_strength * LOG2E) if adjusted.hardness else None
+
+    def apply(logits, cos, k, rows, columns, masked):
+        row_strength = None if strength is None else strength[k, rows, None]
+        adjust(logits, cos, rows, adjusted, columns, masked, row_strength)
+
+    return apply
+
+
+def _gemm_row_lse(
+    rows: Prefixes, n_rows, cols: Prefixes, n_cols, period, positive, scale, bounds, budget, adjusted
+):  # fmt: skip
+    """Per chunk of rows the prefix dot products and, for a guided softmax, the guide's (cuBLAS,
+    once per chunk); each dimension's forward pass kernel reads the chunk's guide products."""
     device = rows.side.x.device
-    step = dot_chunk_rows(n_rows, n_cols, budget, device)
+    guided = adjusted.guided > 0
+    step = dot_chunk_rows(n_rows, n_cols, budget // (2 if guided else 1), device)
     buffer = torch.empty(step * n_cols, dtype=torch.float32, device=device)
+    guide_buffer = torch.empty(step * n_cols if guided else 0, dtype=torch.float32, device=device)
     partials = [
         ForwardPartials(n_rows, step, n_cols, PASS_CONFIGS["forward"], device) for _ in range(len(bounds))
     ]
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         out = buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
+        guide_dots = _guide_dots(adjusted, start, stop, n_cols, guide_buffer)
         for k, dots in prefix_dots(rows, slice(start, stop), cols, n_cols, bounds, out):
             partials[k].launch(
-                rows.view(k),
-                start,
-                stop,
-                cols.view(k),
-                n_cols,
-                period,
-                positive,
-                scale,
-                NO_ADJUSTMENT,
-                dots=dots,
-            )
+                rows.view(k), start, stop, cols.view(k), n_cols, period, positive, scale, adjusted,
+                dots=dots, guide_dots=guide_dots,
+            )  # fmt: skip
     merged = [partial.merge(bool(positive[0])) for partial in partials]
     lse = torch.stack([pair[0] for pair in merged])
     return lse, (torch.stack([pair[1] for pair in merged]) if positive[0] else None)
 
 
-def _row_lse(strategy, rows, n_rows, cols, n_cols, period, positive, scale, bounds, budget):
+def _row_lse(strategy, rows, n_rows, cols, n_cols, period, positive, scale, bounds, budget, adjusted):
     """``(lse (n_dims, n_rows), lse without the positive (n_dims, n_rows) or None)``."""
     if n_rows == 0:
         empty = torch.empty((len(bounds), 0), dtype=torch.float32, device=rows.side.x.device)
         return empty, (empty if positive[0] else None)
     row_lse = _torch_row_lse if strategy == "torch" else _gemm_row_lse
-    return row_lse(rows, n_rows, cols, n_cols, period, positive, scale, bounds, budget)
+    return row_lse(rows, n_rows, cols, n_cols, period, positive, scale, bounds, budget, adjusted)
 
 
 def _positive_logits(q: Prefixes, d: Prefixes, n_local: int, labels, bounds, scale) -> Tensor:
@@ -471,26 +526,38 @@ def matryoshka_loss_op(
     queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None, dims: list[int],
     weights: list[float], n_local: int, query_to_query: bool, doc_to_query: bool, doc_to_doc: bool,
     joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str, budget: int,
+    hardness: int, hardness_strength: float, doc_block: int, guide_queries: Tensor | None,
+    guide_docs: Tensor | None, margin: float, relative_margin: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``sum_k weights[k] loss_k`` per row, ``(n_local,)`` fp32, where ``loss_k`` is
-    ``contrastive_loss_op``'s per-row loss (same flags) on the first ``dims[k]`` columns
-    (``dims`` ascending, distinct, in ``[1, D]``); and the row statistics the backward reuses,
-    ``(n_dims, #directions + #directions with a positive, n_local)`` fp32. ``implementation``:
-    ``"torch"`` or ``"gemm"``. Inputs already checked."""
+    ``contrastive_loss_op``'s per-row loss (same flags and adjustment) on the first ``dims[k]``
+    columns (``dims`` ascending, distinct, in ``[1, D]``); and the row statistics the backward
+    reuses, ``(n_dims, #directions + #directions with a positive, n_local)`` fp32.
+    ``implementation``: ``"torch"`` or ``"gemm"``. Inputs already checked.
+
+    ``hardness``/``hardness_strength``, ``doc_block`` and GIST's guide (``guide_queries``,
+    ``guide_docs``, ``margin``, ``relative_margin``) as in ``contrastive_loss_op``: hardness weighting
+    adds ``hardness_strength cos_k`` with each dimension's own cosines; the guide's embeddings are
+    not truncated (sentence-transformers' ``MatryoshkaLoss`` truncates the model's only), so its
+    thresholds and mask are the same at every dimension and are formed once per chunk."""
     _check_implementation(implementation)
     q, d, pq, pd, bounds = _setup(queries, docs, dims)
     scale32 = scale.to(torch.float32).reshape(1)
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
+    guide_args = (guide_queries, guide_docs, margin, relative_margin)
+    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    chosen = layout.chosen
     lses, negative_lses = [], []
     for direction in chosen:
-        n_cols, period = direction_geometry(direction, q.rows, d.rows, q.rows)
+        n_cols, period = direction_geometry(direction, q.rows, d.rows, doc_block)
         rows, cols = (pq if direction.rows_are_queries else pd), (pq if direction.cols_are_queries else pd)
         positive = (0, None)
         if direction.has_positive:
             positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
         lse, negative_lse = _row_lse(
-            implementation, rows, n_local, cols, n_cols, period, positive, scale32, bounds, budget
-        )
+            implementation, rows, n_local, cols, n_cols, period, positive, scale32, bounds, budget,
+            layout.adjustments[direction.name],
+        )  # fmt: skip
         lses.append(lse)
         if negative_lse is not None:
             negative_lses.append(negative_lse)
@@ -507,9 +574,13 @@ def matryoshka_loss_op(
 @matryoshka_loss_op.register_fake
 def _matryoshka_loss_fake(
     queries, docs, scale, labels, dims, weights, n_local, query_to_query, doc_to_query, doc_to_doc, joint,
-    with_positive, exclude_diagonal, implementation, budget,
+    with_positive, exclude_diagonal, implementation, budget, hardness, hardness_strength, doc_block,
+    guide_queries, guide_docs, margin, relative_margin,
 ):  # fmt: skip
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    chosen = directions(
+        query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive, hardness > 0,
+        guide_queries is not None,
+    )  # fmt: skip
     n_stats = len(chosen) + positive_slots(chosen)
     return (
         queries.new_empty((n_local,), dtype=torch.float32),
@@ -563,11 +634,14 @@ class _RowTerms:
         self.positive = None if block.positive_value is None else (block.positive_value * ratio)[:, None]
 
 
-def _torch_weights(terms: _RowTerms, logits: Tensor, rows: slice, columns, excluded) -> Tensor:
+def _torch_weights(
+    terms: _RowTerms, logits: Tensor, rows: slice, columns, excluded, adjust_rows=None
+) -> Tensor:
     """``rho^k W_k`` of the block's rows ``rows`` in fp32, in place of their base-2 ``logits``
     (except for a block of column terms only): the formula of ``_gradient_weights_kernel`` in
     tensor ops. ``columns``: each row's positive column; ``excluded``: its columns left out (or
-    None)."""
+    None); ``adjust_rows``: adjusts the row terms' logits in place (the column terms' stay plain),
+    or None."""
     block = terms.block
     n_terms = block.n_col_terms
     col_part = None
@@ -577,6 +651,8 @@ def _torch_weights(terms: _RowTerms, logits: Tensor, rows: slice, columns, exclu
     if terms.lse is None:
         weights = col_part  # a block of column terms only spans exactly those columns
     else:
+        if adjust_rows is not None:
+            adjust_rows(logits)
         weights = torch.exp2(logits.sub_(terms.lse[rows, None]), out=logits).mul_(terms.weight[rows, None])
         if col_part is not None:
             weights[:, :n_terms] += col_part
@@ -595,17 +671,23 @@ def _torch_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, b
     once, when ``W_k`` is formed, and the suffix sum runs on the sub-block in cache. With
     ``cos' = (dots a) b^k = cos_k / rho^k`` and ``rho^k W_k`` (the row factor folded into the
     row's weights), ``sum_j rho^k W_k cos'`` is ``r^k`` itself and ``What_k`` takes one more
-    product by ``sigma^k``."""
+    product by ``sigma^k``. The row logits are adjusted as the forward adjusts them
+    (:func:`_adjuster`), a guided block's mask formed once per chunk (in the first buffer, before
+    the dot products)."""
     block = per_dim[0]
     n_rows, n_cols, n_dims = block.n_rows, block.n_cols, len(per_dim)
     device = rows.side.x.device
-    step = _torch_chunk_rows(budget, 4 * n_dims, n_rows, n_cols, device)
+    adjusted = block.adjustment
+    guided = adjusted.guided > 0
+    step = _torch_chunk_rows(budget, 4 * n_dims + guided, n_rows, n_cols, device)
     sub = _sub_rows(step, n_cols, device)
     buffer = torch.empty(n_dims * step * n_cols, dtype=torch.float32, device=device)
+    mask_buffer = torch.empty(step * n_cols if guided else 0, dtype=torch.bool, device=device)
     cos_buffer, w_buffer = (torch.empty(sub * n_cols, dtype=torch.float32, device=device) for _ in range(2))
     block_rows = slice(block.row_start, block.row_start + n_rows)
     ratio = rows.ratio[:, block_rows]
     logit_factor, inv_norm = ratio * (scale * LOG2E), rows.side.inv_norm[block_rows, None]
+    adjuster = _adjuster(adjusted, rows.ratio)
     row_operand = rows.unit_operand
     row_terms = [_RowTerms(b, ratio[k]) for k, b in enumerate(per_dim)]
     col_inv_norm, col_ratio = cols.inv_norm[:, None, :n_cols], cols.ratio[:, None, :n_cols]
@@ -613,11 +695,7 @@ def _torch_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, b
         stop = min(start + step, n_rows)
         global_rows = slice(block.row_start + start, block.row_start + stop)
         chunk = buffer[: n_dims * (stop - start) * n_cols].view(n_dims, stop - start, n_cols)
-        a_all = (rows.operand if row_operand is None else row_operand)[global_rows]
-        b_all = cols.operand[:n_cols]
-        for k, (lo, hi) in enumerate(bounds):
-            _product(a_all[:, lo:hi], b_all[:, lo:hi].T, chunk[k], None if k == 0 else chunk[k - 1])
-        columns, excluded = None, None
+        columns, excluded, masked = None, None, None
         if block.positive_mode:
             columns = positive_columns(
                 block.positive_mode, block.labels, start, stop, block.row_start, device
@@ -626,6 +704,13 @@ def _torch_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, b
             excluded = _excluded_columns(
                 block.row_start + start, stop - start, n_cols, block.exclude_period, device
             )
+        if guided:
+            mask = mask_buffer[: (stop - start) * n_cols].view(stop - start, n_cols)
+            masked = guide_mask(adjusted, global_rows, n_cols, columns, out=mask, cos_out=chunk[0])
+        a_all = (rows.operand if row_operand is None else row_operand)[global_rows]
+        b_all = cols.operand[:n_cols]
+        for k, (lo, hi) in enumerate(bounds):
+            _product(a_all[:, lo:hi], b_all[:, lo:hi].T, chunk[k], None if k == 0 else chunk[k - 1])
         row_sums = torch.empty((n_dims, stop - start), dtype=torch.float32, device=device)
         col_partials = torch.empty(
             (n_dims, -(-(stop - start) // sub), n_cols), dtype=torch.float32, device=device
@@ -633,10 +718,12 @@ def _torch_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, b
         for index, first in enumerate(range(0, stop - start, sub)):
             last = min(first + sub, stop - start)
             here, rows_here = slice(first, last), slice(start + first, start + last)
+            loss_rows = slice(block.row_start + start + first, block.row_start + start + last)
             cos = cos_buffer[: (last - first) * n_cols].view(last - first, n_cols)
             logits = w_buffer[: (last - first) * n_cols].view(last - first, n_cols)
             columns_here = None if columns is None else columns[here]
             excluded_here = None if excluded is None else excluded[here]
+            masked_here = None if masked is None else masked[here]
             a_here = None if row_operand is not None else inv_norm[rows_here]
             factor_here = logit_factor[:, rows_here, None]
             for k in range(n_dims - 1, -1, -1):
@@ -644,7 +731,14 @@ def _torch_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, b
                 _scaled_cosines(dots, a_here, col_inv_norm[k], cos)
                 # The forward's logits, by the same expression.
                 torch.mul(cos, factor_here[k], out=logits)
-                weights = _torch_weights(row_terms[k], logits, rows_here, columns_here, excluded_here)
+                adjust_rows = None
+                if adjuster is not None:
+                    adjust_rows = functools.partial(
+                        adjuster, cos=cos, k=k, rows=loss_rows, columns=columns_here, masked=masked_here
+                    )
+                weights = _torch_weights(
+                    row_terms[k], logits, rows_here, columns_here, excluded_here, adjust_rows
+                )
                 # Row sums in fp32 (their total for d scale in fp64, by the caller).
                 torch.linalg.vecdot(weights, cos, out=row_sums[k, here])
                 torch.sum(cos.mul_(weights), dim=0, out=col_partials[k, index])
@@ -679,14 +773,17 @@ def _row_data(block: Block, rows: Prefixes, k: int, global_rows: slice, first: i
 
 def _gemm_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, bounds, budget):
     """``_torch_chunks`` by cuBLAS and ``_matryoshka_weights_kernel``: per L2-sized sub-chunk of
-    rows, every dimension's prefix dot products (``dots_k = dots_{k-1} + segment``), then one pass
-    writing every ``What_s`` into a budget-sized chunk."""
+    rows, every dimension's prefix dot products (``dots_k = dots_{k-1} + segment``) and, for a
+    guided block, the guide's, then one pass writing every ``What_s`` into a budget-sized chunk."""
     block = per_dim[0]
     n_rows, n_cols, n_dims = block.n_rows, block.n_cols, len(per_dim)
     device, element = rows.side.x.device, rows.side.x.element_size()
-    sub = dot_chunk_rows(n_rows, n_cols * n_dims, budget // 2, device)
+    adjusted = block.adjustment
+    n_buffers = n_dims + (adjusted.guided > 0)
+    sub = dot_chunk_rows(n_rows, n_cols * n_buffers, budget // 2, device)
     dots_buffer = torch.empty(n_dims * sub * n_cols, dtype=torch.float32, device=device)
-    step = max(sub, budget_rows(budget - 4 * n_dims * sub * n_cols, n_dims * n_cols * element, n_rows))
+    guide_buffer = torch.empty((n_buffers - n_dims) * sub * n_cols, dtype=torch.float32, device=device)
+    step = max(sub, budget_rows(budget - 4 * n_buffers * sub * n_cols, n_dims * n_cols * element, n_rows))
     what_buffer = rows.side.x.new_empty(n_dims * step * n_cols)
     col_data = torch.stack(
         [
@@ -706,8 +803,12 @@ def _gemm_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, bo
             a_all, b_all = rows.operand[global_rows], cols.operand[:n_cols]
             for k, (lo, hi) in enumerate(bounds):
                 _product(a_all[:, lo:hi], b_all[:, lo:hi].T, dots[k], None if k == 0 else dots[k - 1])
+            guide_dots = _guide_dots(adjusted, global_rows.start, global_rows.stop, n_cols, guide_buffer)
             row_data = torch.stack(
                 [_row_data(b, rows, k, global_rows, first, last, scale) for k, b in enumerate(per_dim)]
+            )
+            pointers, integers, constexprs = adjustment_arguments(
+                adjusted, global_rows.start, row_data, guide_dots
             )
             row_blocks, col_blocks = (
                 ceil_div(last - first, config.block_rows),
@@ -719,12 +820,13 @@ def _gemm_chunks(per_dim: list[Block], rows: Prefixes, cols: Prefixes, scale, bo
             labels = row_data if block.labels is None else block.labels[first:last]
             with launch_device(device):
                 _matryoshka_weights_kernel[(row_blocks * col_blocks,)](
-                    dots, row_data, col_data, scale, labels, out, partial_rows, partial_cols,
+                    dots, row_data, col_data, scale, labels, out, partial_rows, partial_cols, *pointers,
                     last - first, n_cols, block.n_col_terms, n_dims, dots.stride(0), dots.stride(1),
                     out.stride(0), out.stride(1), block.row_start + first, max(block.exclude_period, 1),
+                    *integers,
                     ROW_TERMS=block.row_lse is not None, COL_TERMS=block.col_lse is not None,
                     POSITIVE=block.positive_mode, EXCLUDE=exclusion(block.exclude_period, n_cols),
-                    ROW_FIELDS=ROW_FIELDS, COL_FIELDS=COL_FIELDS, BLOCK_R=config.block_rows,
+                    **constexprs, ROW_FIELDS=ROW_FIELDS, COL_FIELDS=COL_FIELDS, BLOCK_R=config.block_rows,
                     BLOCK_C=config.block_cols, num_warps=config.num_warps, num_stages=config.num_stages,
                 )  # fmt: skip
             row_sums.append(partial_rows.sum(dim=1))
@@ -764,14 +866,19 @@ def matryoshka_loss_backward_op(
     grad_loss: Tensor, queries: Tensor, docs: Tensor, scale: Tensor, labels: Tensor | None, stats: Tensor,
     dims: list[int], weights: list[float], n_local: int, query_to_query: bool, doc_to_query: bool,
     doc_to_doc: bool, joint: bool, with_positive: bool, exclude_diagonal: bool, implementation: str,
-    budget: int, scale_grad: bool,
+    budget: int, hardness: int, hardness_strength: float, doc_block: int, guide_queries: Tensor | None,
+    guide_docs: Tensor | None, margin: float, relative_margin: bool, scale_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Gradients of :func:`matryoshka_loss_op`'s per-row loss in queries, docs and scale (zero
-    unless ``scale_grad``)."""
+    unless ``scale_grad``). The guide gets no gradient (sentence-transformers computes it without
+    one); hardness weighting's term is a stop-gradient, so ``W_k`` keeps the factor ``s``."""
     _check_implementation(implementation)
     q, d, pq, pd, bounds = _setup(queries, docs, dims)
     scale32 = scale.to(torch.float32).reshape(1)
-    chosen = directions(query_to_query, doc_to_query, doc_to_doc, exclude_diagonal, with_positive)
+    flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
+    guide_args = (guide_queries, guide_docs, margin, relative_margin)
+    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    chosen = layout.chosen
     grad = grad_loss.float()
     per_dim_stats = [split_stats(stats[k], chosen) for k in range(len(dims))]
     complements = [complement(lse, negative_lse, chosen, joint) for lse, negative_lse in per_dim_stats]
@@ -785,22 +892,11 @@ def matryoshka_loss_backward_op(
     per_dim_blocks = []
     for k, (lse, _) in enumerate(per_dim_stats):
         scaled_grad = (grad * (weights[k] * w_scale)).contiguous()
-        per_dim_blocks.append(
-            blocks(
-                q,
-                d,
-                n_local,
-                chosen,
-                lse,
-                complements[k],
-                empty,
-                scaled_grad,
-                labels,
-                joint,
-                q.rows,
-                PLAIN_ADJUSTMENTS,
-            )
-        )
+        dim_blocks = blocks(
+            q, d, n_local, chosen, lse, complements[k], empty, scaled_grad, labels, joint, doc_block,
+            layout.adjustments,
+        )  # fmt: skip
+        per_dim_blocks.append(dim_blocks)
     grads = {id(q): _Gradient(pq, bounds), id(d): _Gradient(pd, bounds)}
     w_cos = torch.zeros((), dtype=torch.float64, device=queries.device)
     for per_dim in zip(*per_dim_blocks, strict=True):
@@ -821,24 +917,27 @@ def _matryoshka_loss_backward_fake(grad_loss, queries, docs, scale, *_args):
 
 _FLAGS = (
     "dims", "weights", "n_local", "query_to_query", "doc_to_query", "doc_to_doc", "joint", "with_positive",
-    "exclude_diagonal", "implementation", "budget",
+    "exclude_diagonal", "implementation", "budget", "hardness", "hardness_strength", "doc_block",
 )  # fmt: skip
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    queries, docs, scale, labels, *flags = inputs
+    queries, docs, scale, labels, *rest = inputs
+    *flags, guide_queries, guide_docs, margin, relative_margin = rest
     _, stats = output
-    ctx.save_for_backward(queries, docs, scale, labels, stats)
+    ctx.save_for_backward(queries, docs, scale, labels, stats, guide_queries, guide_docs)
     ctx.flags = dict(zip(_FLAGS, flags, strict=True))
+    ctx.guide_flags = (margin, relative_margin)
     ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, grad_loss: Tensor, _grad_stats):
-    queries, docs, scale, labels, stats = ctx.saved_tensors
+    queries, docs, scale, labels, stats, guide_queries, guide_docs = ctx.saved_tensors
     grads = matryoshka_loss_backward_op(
-        grad_loss, queries, docs, scale, labels, stats, *ctx.flags.values(), ctx.needs_input_grad[2]
-    )
-    return *grads, *([None] * (1 + len(_FLAGS)))
+        grad_loss, queries, docs, scale, labels, stats, *ctx.flags.values(), guide_queries, guide_docs,
+        *ctx.guide_flags, ctx.needs_input_grad[2],
+    )  # fmt: skip
+    return *grads, *([None] * (1 + len(_FLAGS) + 4))
 
 
 matryoshka_loss_op.register_autograd(_backward, setup_context=_setup_context)

@@ -27,26 +27,47 @@ def cosines(rows: Side, row_slice: slice, cols: Side, n_cols: int, out: Tensor |
     return torch.matmul(rows.unit32[row_slice], cols.unit32[:n_cols].T, out=out)
 
 
-def adjust(logits: Tensor, cos: Tensor, row_slice: slice, adjusted: Adjustment, positive: Tensor | None):
+def adjust(
+    logits: Tensor, cos: Tensor, row_slice: slice, adjusted: Adjustment, positive: Tensor | None,
+    masked: Tensor | None = None, strength: Tensor | None = None,
+):  # fmt: skip
     """``_adjusted_row_logits`` in PyTorch ops, in place on ``logits`` (rows ``row_slice`` of the
     loss, columns ``0..``); ``positive``: each row's positive column ``(rows, 1)``, which a guided
-    query_to_doc keeps."""
+    query_to_doc keeps. ``masked``: the guide's mask of these rows (:func:`guide_mask`) where the
+    caller formed it already (the Matryoshka loss applies one mask to every dimension);
+    ``strength``: per-row hardness strengths ``(rows, 1)`` in place of the adjustment's number
+    (the Matryoshka loss folds each prefix's factors into them)."""
     if adjusted.hardness:
-        _add_hardness(logits, cos, row_slice.start, adjusted)
+        _add_hardness(logits, cos, row_slice.start, adjusted, strength)
     if adjusted.guided:
-        guide = cosines(adjusted.guide_rows, row_slice, adjusted.guide_cols, logits.shape[1])
-        masked = guide > adjusted.threshold[row_slice, None]
-        if adjusted.guided == 1:
-            masked.scatter_(1, positive, False)
+        if masked is None:
+            masked = guide_mask(adjusted, row_slice, logits.shape[1], positive)
         logits.masked_fill_(masked, float("-inf"))
     return logits
 
 
-def _add_hardness(logits: Tensor, cos: Tensor, first_row: int, adjusted: Adjustment) -> None:
-    """``logits += strength * cos`` on the hardness-selected columns of rows ``first_row..``.
-    The columns a mode leaves out (HARDNESS 1: a row's own columns ``r + k P``; 3: column ``r``)
-    and the ones mode 2 selects (own columns past the first block) are a few per row, and only
-    rows ``r < P`` have them: they are gathered and scattered instead of masking all N x M."""
+def guide_mask(
+    adjusted: Adjustment, row_slice: slice, n_cols: int, positive: Tensor | None, out: Tensor | None = None,
+    cos_out: Tensor | None = None,
+) -> Tensor:  # fmt: skip
+    """The terms a guided row softmax leaves out, ``(rows, n_cols)`` bool: the guide's cosine above
+    the row's threshold, the row's ``positive`` column kept for ``GUIDED`` 1. ``out`` receives the
+    mask, ``cos_out`` (fp32) the guide's cosines on the way, where given."""
+    guide = cosines(adjusted.guide_rows, row_slice, adjusted.guide_cols, n_cols, out=cos_out)
+    masked = torch.gt(guide, adjusted.threshold[row_slice, None], out=out)
+    if adjusted.guided == 1:
+        masked.scatter_(1, positive, False)
+    return masked
+
+
+def _add_hardness(
+    logits: Tensor, cos: Tensor, first_row: int, adjusted: Adjustment, strength: Tensor | None = None
+) -> None:
+    """``logits += strength * cos`` on the hardness-selected columns of rows ``first_row..``
+    (``strength``: the adjustment's number, or per row ``(rows, 1)``). The columns a mode leaves
+    out (HARDNESS 1: a row's own columns ``r + k P``; 3: column ``r``) and the ones mode 2 selects
+    (own columns past the first block) are a few per row, and only rows ``r < P`` have them: they
+    are gathered and scattered instead of masking all N x M."""
     n_rows, n_cols = logits.shape
     period = max(1, adjusted.own_period if adjusted.hardness != 3 else n_cols)
     n_own = max(0, min(first_row + n_rows, period, n_cols) - first_row)
@@ -59,11 +80,15 @@ def _add_hardness(logits: Tensor, cos: Tensor, first_row: int, adjusted: Adjustm
     # duplicate index then writes what is already there.
     own = torch.where(in_range, own, own_rows)
     kept = logits[:n_own].gather(1, own)
+    if strength is None:
+        strength = own_strength = adjusted.hardness_strength
+    else:
+        own_strength = strength[:n_own]
     if adjusted.hardness == 2:
-        hardness = cos[:n_own].gather(1, own) * adjusted.hardness_strength
+        hardness = cos[:n_own].gather(1, own) * own_strength
         logits[:n_own].scatter_(1, own, kept + torch.where(in_range, hardness, 0.0))
         return
-    logits.add_(cos * adjusted.hardness_strength)
+    logits.add_(cos * strength)
     logits[:n_own].scatter_(1, own, kept)
 
 
