@@ -389,6 +389,32 @@ def test_no_fallback_remains_for_hardness_or_gist():
     assert "hardness_mode=" not in source.split("def _unfusable_reason", 1)[1].split("def ", 1)[0]
 
 
+
+def test_gist_takes_a_model_without_parameters(generator):
+    """sentence-transformers' GIST takes any callable that returns the embeddings (its own tests
+    build the loss so, on precomputed embeddings): the drop-in too, with the same loss and
+    gradients."""
+    columns = [torch.randn(6, 8, generator=generator) for _ in range(3)]
+    results = {}
+    for name, cls in (("ours", losses.GISTEmbedLoss), ("theirs", st_losses.GISTEmbedLoss)):
+        loss = cls.__new__(cls)
+        torch.nn.Module.__init__(loss)
+        options = {
+            "temperature": 0.05, "similarity_fct": torch.nn.CosineSimilarity(dim=-1),
+            "must_retokenize": False,
+            "cross_entropy_loss": torch.nn.CrossEntropyLoss(), "margin_strategy": "absolute", "margin": 0.0,
+            "contrast_anchors": True, "contrast_positives": True, "gather_across_devices": False,
+        }  # fmt: skip
+        for attribute, value in options.items():
+            setattr(loss, attribute, value)
+        loss.model = loss.guide = lambda features: {"sentence_embedding": features["sentence_embedding"]}
+        leaves = [column.clone().requires_grad_() for column in columns]
+        value = loss([{"sentence_embedding": leaf} for leaf in leaves], None)
+        value.backward()
+        results[name] = [value.detach()] + [leaf.grad for leaf in leaves]
+    for ours, theirs in zip(results["ours"], results["theirs"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
 def _gloo_worker(rank: int, world: int, store: str, out_dir: str, model_dir: str) -> None:
     import os
 

@@ -372,6 +372,15 @@ def _float64(*tensors: Tensor) -> bool:
     return any(tensor.dtype == torch.float64 for tensor in tensors)
 
 
+def _float64_model(model) -> bool:
+    """Whether ``model`` computes in float64, by its first parameter; a model without parameters
+    (sentence-transformers' GIST takes any callable that returns the embeddings) is taken as not:
+    the fused loss accepts float64 embeddings too."""
+    parameters = getattr(model, "parameters", None)
+    first = next(parameters(), None) if callable(parameters) else None
+    return first is not None and first.dtype == torch.float64
+
+
 def _retokenized(loss, features: dict) -> dict:
     """The guide's features of the texts behind ``features`` (guide and model tokenize
     differently): decoded with the model's tokenizer and tokenized with the guide's, as
@@ -394,7 +403,7 @@ class _GuidedDimensions(_SeveralDimensions):
     it once per dimension, as sentence-transformers does)."""
 
     def several_dims_unfusable_reason(self) -> str | None:
-        if _float64(next(self.model.parameters())):
+        if _float64_model(self.model):
             return "float64 embeddings"
         return None
 
@@ -415,7 +424,7 @@ class GISTEmbedLoss(_GuidedDimensions, st_losses.GISTEmbedLoss):
         sentence_features = list(sentence_features)
         if len(sentence_features) not in (2, 3):
             raise ValueError(f"Expected 2 or 3 embeddings, got {len(sentence_features)}")
-        if _float64(next(self.model.parameters())):
+        if _float64_model(self.model):
             _warn_fallback(self, "float64 embeddings")
             return super().forward(sentence_features, labels)
         # The guide reads copies: the model writes its outputs into the features it is given.
