@@ -86,6 +86,7 @@ from .numerics import (
     budget_rows,
     complement,
     direction_geometry,
+    direction_positive,
     directions,
     inverse_norms,
     memory_budget,
@@ -511,9 +512,14 @@ def _positive_logits(q: Prefixes, d: Prefixes, n_local: int, labels, bounds, sca
     return scale * (sums * q.inv_norm[:, :n_local] * inv_docs)
 
 
-def _setup(queries, docs, dims):
+def _setup(queries, docs, dims, scale, n_local, flags, hardness, hardness_strength, doc_block, guide_args):
+    """The op's and its backward's common start: ``(q, d, pq, pd, bounds, scale32, layout)``: the
+    sides, their prefixes, the segments' bounds, the scale as a one-element fp32 tensor and the
+    directions' layout with their adjustments."""
     q, d = Side(queries), Side(docs)
-    return q, d, Prefixes(q, dims), Prefixes(d, dims), segments(dims)
+    scale32 = scale.to(torch.float32).reshape(1)
+    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    return q, d, Prefixes(q, dims), Prefixes(d, dims), segments(dims), scale32, layout
 
 
 def _check_implementation(implementation: str) -> None:
@@ -541,19 +547,17 @@ def matryoshka_loss_op(
     not truncated (sentence-transformers' ``MatryoshkaLoss`` truncates the model's only), so its
     thresholds and mask are the same at every dimension and are formed once per chunk."""
     _check_implementation(implementation)
-    q, d, pq, pd, bounds = _setup(queries, docs, dims)
-    scale32 = scale.to(torch.float32).reshape(1)
     flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
     guide_args = (guide_queries, guide_docs, margin, relative_margin)
-    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    q, d, pq, pd, bounds, scale32, layout = _setup(
+        queries, docs, dims, scale, n_local, flags, hardness, hardness_strength, doc_block, guide_args
+    )
     chosen = layout.chosen
     lses, negative_lses = [], []
     for direction in chosen:
         n_cols, period = direction_geometry(direction, q.rows, d.rows, doc_block)
         rows, cols = (pq if direction.rows_are_queries else pd), (pq if direction.cols_are_queries else pd)
-        positive = (0, None)
-        if direction.has_positive:
-            positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
+        positive = direction_positive(direction, labels)
         lse, negative_lse = _row_lse(
             implementation, rows, n_local, cols, n_cols, period, positive, scale32, bounds, budget,
             layout.adjustments[direction.name],
@@ -873,11 +877,11 @@ def matryoshka_loss_backward_op(
     unless ``scale_grad``). The guide gets no gradient (sentence-transformers computes it without
     one); hardness weighting's term is a stop-gradient, so ``W_k`` keeps the factor ``s``."""
     _check_implementation(implementation)
-    q, d, pq, pd, bounds = _setup(queries, docs, dims)
-    scale32 = scale.to(torch.float32).reshape(1)
     flags = (query_to_query, doc_to_query, doc_to_doc, joint, with_positive, exclude_diagonal)
     guide_args = (guide_queries, guide_docs, margin, relative_margin)
-    layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
+    q, d, pq, pd, bounds, scale32, layout = _setup(
+        queries, docs, dims, scale, n_local, flags, hardness, hardness_strength, doc_block, guide_args
+    )
     chosen = layout.chosen
     grad = grad_loss.float()
     per_dim_stats = [split_stats(stats[k], chosen) for k in range(len(dims))]

@@ -172,6 +172,15 @@ def directions(
     return chosen
 
 
+def direction_positive(direction: Direction, labels: Tensor | None) -> tuple[int, Tensor | None]:
+    """``(mode, labels)`` of a direction's positive column as the row passes take it: mode 0 (no
+    positive), 1 (the column of the row's own index) or 2 (column ``labels[i]``: query_to_doc
+    with labels)."""
+    if not direction.has_positive:
+        return 0, None
+    return (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
+
+
 def direction_geometry(direction: Direction, n_queries: int, n_docs: int, doc_block: int) -> tuple[int, int]:
     """``(n_cols, exclude_period)``: query_to_query excludes ``k == i``, doc_to_doc every column
     ``j`` with ``j mod Nq == i`` (the positive's own position in each document column), and

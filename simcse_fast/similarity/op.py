@@ -20,6 +20,7 @@ from .numerics import (
     blocks,
     complement,
     direction_geometry,
+    direction_positive,
     directions,
     pair_cosines,
     positive_slots,
@@ -148,9 +149,7 @@ def contrastive_loss_op(
         piece = kept[offset : offset + n_local * n_cols] if kept.numel() else None
         offset += n_local * n_cols
         rows, cols = (q if direction.rows_are_queries else d), (q if direction.cols_are_queries else d)
-        positive = (0, None)
-        if direction.has_positive:
-            positive = (1, None) if labels is None or direction.name != "query_to_doc" else (2, labels)
+        positive = direction_positive(direction, labels)
         lse, negative_lse = _row_lse(
             rows, n_local, cols, n_cols, period, positive, scale32, implementation, budget, piece,
             layout.adjustments[direction.name],
