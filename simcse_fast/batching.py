@@ -143,12 +143,10 @@ def mini_batches(attention_mask: Tensor, mini_batch_size=None, mini_batch_tokens
     return row_ranges(used_lengths(attention_mask).tolist(), mini_batch_size, mini_batch_tokens)
 
 
-def rows_of(features: dict, rows: slice, width: int | None = None) -> dict:
-    """The features of ``rows``, ``width`` columns wide (default: without the trailing columns that
-    are padding in all of them; leading ones stay: removing them would shift the position ids
-    of left-padded rows)."""
-    if width is None:
-        width = max(1, int(used_lengths(features["attention_mask"][rows]).max()))
+def rows_of(features: dict, rows: slice) -> dict:
+    """The features of ``rows`` without the trailing columns that are padding in all of them
+    (leading ones stay: removing them would shift the position ids of left-padded rows)."""
+    width = max(1, int(used_lengths(features["attention_mask"][rows]).max()))
     return {name: tensor[rows, :width] for name, tensor in features.items()}
 
 

@@ -114,9 +114,9 @@ def _linear_schedule(warmup_steps: int, total_steps: int, restart_step: int = 0)
     return factor
 
 
-def new_schedule(config: TrainingConfig, total_steps: int) -> dict:
+def new_schedule(warmup_ratio: float, total_steps: int) -> dict:
     """The learning-rate schedule of a new run (the arguments of ``_linear_schedule``)."""
-    warmup_steps = int(config.warmup_ratio * total_steps)
+    warmup_steps = int(warmup_ratio * total_steps)
     return {"warmup_steps": warmup_steps, "total_steps": total_steps, "restart_step": 0}
 
 
@@ -750,7 +750,7 @@ def _train(config: TrainingConfig, rank: int, world: int, device) -> dict:
     steps_per_epoch = math.ceil(len(sentences) / config.batch_size)
     total_steps = planned_steps(config.epochs, config.max_steps, steps_per_epoch)
     checkpoint, saved = _find_checkpoint(config, rank, world)
-    schedule = new_schedule(config, total_steps)
+    schedule = new_schedule(config.warmup_ratio, total_steps)
     if saved is not None:
         saved_schedule = _saved_schedule(saved, steps_per_epoch)
         schedule = resumed_schedule(saved_schedule, saved["position"]["step"], total_steps, output)
@@ -909,7 +909,7 @@ def _saved_schedule(saved: dict, steps_per_epoch: int) -> dict:
         return dict(saved["schedule"])
     settings = saved["config"]
     total = planned_steps(settings["epochs"], settings["max_steps"], steps_per_epoch)
-    return {"warmup_steps": int(settings["warmup_ratio"] * total), "total_steps": total, "restart_step": 0}
+    return new_schedule(settings["warmup_ratio"], total)
 
 
 def _restart_decay(optimizer, scheduler, schedule: dict, step: int, rank: int, output: Path) -> None:
@@ -988,21 +988,22 @@ class _StopRequests:
         return {0: None, 1: "SIGINT", 2: "SIGTERM"}[int(flag)]
 
 
-def _dev_score_recorded(output: Path, step: int) -> bool:
+def _dev_scores(output: Path) -> list[dict]:
+    """The dev evaluations recorded in ``output`` (``{"step", "score"}`` each; none if unreadable)."""
     try:
-        return any(entry["step"] == step for entry in json.loads((output / DEV_SCORES_FILE).read_text()))
+        return json.loads((output / DEV_SCORES_FILE).read_text())
     except (OSError, ValueError):
-        return False
+        return []
+
+
+def _dev_score_recorded(output: Path, step: int) -> bool:
+    return any(entry["step"] == step for entry in _dev_scores(output))
 
 
 def _best_dev_until(output: Path, step: int) -> dict | None:
     """The best dev evaluation (``{"step", "score"}``) recorded up to ``step`` (a resumed run
     forgets later ones)."""
-    try:
-        scores = json.loads((output / DEV_SCORES_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    kept = [entry for entry in scores if entry["step"] <= step]
+    kept = [entry for entry in _dev_scores(output) if entry["step"] <= step]
     return max(kept, key=lambda entry: entry["score"]) if kept else None
 
 
