@@ -116,7 +116,7 @@ def fused_in_batch_negatives_loss(
 
 def _unfusable_reason(loss, embeddings=()) -> str | None:
     """Why the fused op cannot compute ``loss`` on ``embeddings`` exactly, or None."""
-    if any(embedding.dtype == torch.float64 for embedding in embeddings):
+    if _float64(*embeddings):
         return "float64 embeddings"
     similarity_fct = getattr(loss, "similarity_fct", cos_sim)
     if similarity_fct is not cos_sim and getattr(similarity_fct, "__name__", "") != "cos_sim":

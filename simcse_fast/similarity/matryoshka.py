@@ -97,7 +97,7 @@ from .numerics import (
     split_stats,
     weight_bound,
 )
-from .op import _Layout
+from .op import _Layout, _scale32
 from .torch_path import adjust, guide_mask
 
 MATRYOSHKA_PASS = TileConfig(
@@ -517,7 +517,7 @@ def _setup(queries, docs, dims, scale, n_local, flags, hardness, hardness_streng
     sides, their prefixes, the segments' bounds, the scale as a one-element fp32 tensor and the
     directions' layout with their adjustments."""
     q, d = Side(queries), Side(docs)
-    scale32 = scale.to(torch.float32).reshape(1)
+    scale32 = _scale32(scale)
     layout = _Layout(n_local, flags, hardness, hardness_strength, doc_block, guide_args)
     return q, d, Prefixes(q, dims), Prefixes(d, dims), segments(dims), scale32, layout
 

@@ -96,11 +96,6 @@ class LossOptions:
     margin: float = 0.0
     relative_margin: bool = False
 
-    @property
-    def adjusts_logits(self) -> bool:
-        """Whether hardness weighting or a guide changes the logits of a row softmax."""
-        return self.hardness > 0 or self.guide_queries is not None
-
     def op_args(self, n_queries: int) -> tuple:
         """The trailing arguments of :func:`contrastive_loss_op` for ``n_queries`` queries."""
         doc_block = n_queries if self.doc_block is None else self.doc_block

@@ -103,7 +103,7 @@ def row_lse(
     lse = torch.empty(n_rows, dtype=torch.float32, device=rows.x.device)
     negative_lse = torch.empty_like(lse) if mode else None
     temporaries = TEMPORARY_BYTES + (8 if adjusted.guided or adjusted.hardness else 0)
-    step = n_rows if kept is not None else budget_rows(budget, temporaries * n_cols, n_rows)
+    step = budget_rows(budget, temporaries * n_cols, n_rows)
     for start in range(0, n_rows, step):
         stop = min(start + step, n_rows)
         out = None if kept is None else kept.view(n_rows, n_cols)[start:stop]
