@@ -22,6 +22,7 @@ from .numerics import (
     direction_geometry,
     direction_positive,
     directions,
+    kept_views,
     pair_cosines,
     positive_slots,
     row_loss,
@@ -138,11 +139,11 @@ def contrastive_loss_op(
         kept_elements(n_local, q.rows, d.rows, doc_block, chosen, implementation, budget),
         dtype=torch.float32, device=queries.device,
     )  # fmt: skip
-    lses, negative_lses, offset = [], [], 0
+    views = kept_views(kept, n_local, q.rows, d.rows, doc_block, chosen)
+    lses, negative_lses = [], []
     for direction in chosen:
         n_cols, period = direction_geometry(direction, q.rows, d.rows, doc_block)
-        piece = kept[offset : offset + n_local * n_cols] if kept.numel() else None
-        offset += n_local * n_cols
+        piece = views[direction.name].view(-1) if direction.name in views else None
         rows, cols = (q if direction.rows_are_queries else d), (q if direction.cols_are_queries else d)
         positive = direction_positive(direction, labels)
         lse, negative_lse = _row_lse(
