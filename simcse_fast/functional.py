@@ -493,8 +493,10 @@ def guided_in_batch_negatives_loss(
         )
     if margin_strategy not in ("absolute", "relative"):
         raise ValueError(f"margin_strategy must be 'absolute' or 'relative'; got {margin_strategy!r}")
-    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or margin != margin:
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
         raise TypeError(f"margin must be a number, got {margin!r}")
+    if margin != margin:
+        raise ValueError("margin must be a number, got nan")
     check_bool("contrast_anchors", contrast_anchors)
     check_bool("contrast_positives", contrast_positives)
     matryoshka = _matryoshka_arguments(matryoshka_dims, matryoshka_weights, anchors.shape[1])

@@ -389,7 +389,6 @@ def test_no_fallback_remains_for_hardness_or_gist():
     assert "hardness_mode=" not in source.split("def _unfusable_reason", 1)[1].split("def ", 1)[0]
 
 
-
 def test_gist_takes_a_model_without_parameters(generator):
     """sentence-transformers' GIST takes any callable that returns the embeddings (its own tests
     build the loss so, on precomputed embeddings): the drop-in too, with the same loss and
@@ -414,6 +413,16 @@ def test_gist_takes_a_model_without_parameters(generator):
         results[name] = [value.detach()] + [leaf.grad for leaf in leaves]
     for ours, theirs in zip(results["ours"], results["theirs"], strict=True):
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
+def test_guided_loss_refuses_a_margin_that_is_not_a_number():
+    anchors, docs, guide = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    for margin, error in ((float("nan"), ValueError), ("0.1", TypeError), (True, TypeError)):
+        with pytest.raises(error, match="margin must be a number"):
+            functional.guided_in_batch_negatives_loss(
+                anchors, docs, guide, guide, n_positives=4, margin=margin
+            )
+
 
 def _gloo_worker(rank: int, world: int, store: str, out_dir: str, model_dir: str) -> None:
     import os
